@@ -1,0 +1,65 @@
+"""BentoML glue: models in the BentoML store, and the worker's batching parameters."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .config import Settings, is_bentoml_tag
+
+logger = logging.getLogger("hypergen.bento")
+
+
+def model_reference(settings: Settings) -> Any:
+    """`bentoml.models.BentoModel(tag)` when the served model is a BentoML model tag, else None.
+
+    Declared as a service class attribute, it makes `bentoml build` carry the weights in the
+    Bento, so a containerized or BentoCloud deployment needs no Hub access.
+    """
+    import bentoml
+
+    if settings.model and is_bentoml_tag(settings.model):
+        return bentoml.models.BentoModel(settings.model)
+    return None
+
+
+def worker_batching(settings: Settings) -> dict[str, int]:
+    """`@bentoml.api(batchable=True, ...)` arguments.
+
+    BentoML needs `max_batch_size` > 1 (a setting of 1 is honoured by the worker, which splits
+    calls by HYPERGEN_MAX_BATCH_SIZE images). Its dispatcher answers 503 to a request that waits
+    past `max_latency_ms`, so that sits above the request timeout: admission control is ours.
+    """
+    return {
+        "max_batch_size": max(2, settings.max_batch_size),
+        "max_latency_ms": int(settings.request_timeout * 1000) + 60_000,
+    }
+
+
+def import_model(source: str | None, name: str, settings: Settings) -> str:
+    """Copy a diffusers model directory (or the embedded default, or a Hub snapshot) into the
+    BentoML model store; returns the tag (`name:version`)."""
+    import bentoml
+
+    directory = resolve_model_directory(source, settings)
+    metadata = {"source": source or "embedded-default", "format": "diffusers"}
+    with bentoml.models.create(name, labels={"framework": "diffusers"}, metadata=metadata) as model:
+        shutil.copytree(directory, model.path, dirs_exist_ok=True)
+    logger.info("imported %s as BentoML model %s", directory, model.tag)
+    return str(model.tag)
+
+
+def resolve_model_directory(source: str | None, settings: Settings) -> Path:
+    """A local directory holding the model's diffusers files."""
+    if not source:
+        from .pipelines import embedded_default_path
+
+        return embedded_default_path(settings.home)
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    # A Hub id: needs network access to the Hub, which these build machines do not have.
+    return Path(snapshot_download(source))

@@ -1,0 +1,199 @@
+"""Wire models: what clients send and receive, and what the API hands the worker.
+
+Field ranges and OpenAI's defaults are written down once here; the API validates with these
+models and the error mapper quotes `ALLOWED` when a value is out of range.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# What each field accepts, quoted in 400 messages ("Allowed: an integer from 1 to 10.").
+ALLOWED: dict[str, str] = {
+    "prompt": "a non-empty string of at most 32000 characters",
+    "model": "the id of a served model (see GET /v1/models)",
+    "n": "an integer from 1 to 10",
+    "size": "'auto' or 'WIDTHxHEIGHT' with both sides multiples of 8 within the model's limits, e.g. '512x512'",
+    "response_format": "'url' or 'b64_json'",
+    "output_format": "'png', 'jpeg' or 'webp'",
+    "output_compression": "an integer from 0 to 100",
+    "quality": "'standard', 'hd', 'low', 'medium', 'high' or 'auto'",
+    "style": "'vivid' or 'natural'",
+    "background": "'transparent', 'opaque' or 'auto'",
+    "moderation": "'low' or 'auto'",
+    "stream": "true or false",
+    "partial_images": "an integer from 0 to 3",
+    "user": "a string",
+    "negative_prompt": "a string",
+    "num_inference_steps": "an integer from 1 to 150",
+    "guidance_scale": "a number from 1.0 to 20.0",
+    "seed": "an integer from 0 to 2**63 - 1",
+    "lora_path": "the name of a loaded LoRA adapter or a path inside HYPERGEN_LORA_DIRS",
+    "lora_scale": "a number from 0.0 to 2.0",
+}
+
+MAX_PROMPT_CHARS = 32000
+MAX_SEED = 2**63 - 1
+# OpenAI's ImagesResponse.size enum: other sizes are left out of the response, not echoed.
+OPENAI_RESPONSE_SIZES = ("1024x1024", "1024x1536", "1536x1024")
+
+_SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's CreateImageRequest plus diffusion extras.
+
+    Example: `{"prompt": "a red circle", "n": 2, "size": "64x64", "response_format": "b64_json",
+    "seed": 7, "num_inference_steps": 20}`. Unknown fields are ignored; `null` means "default".
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
+    model: str | None = Field(default=None, description="served model id; omitted = the default model")
+    n: int | None = Field(default=1, ge=1, le=10, description="images to generate")
+    size: str | None = Field(default=None, description="'WxH' or 'auto'; omitted = the model's native size")
+    response_format: Literal["url", "b64_json"] | None = Field(
+        default=None, description="omitted = HYPERGEN_DEFAULT_RESPONSE_FORMAT (b64_json)"
+    )
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(default="png")
+    output_compression: int | None = Field(default=100, ge=0, le=100)
+    quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+    stream: bool | None = False
+    partial_images: int | None = Field(default=None, ge=0, le=3)
+    user: str | None = None
+
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=150)
+    guidance_scale: float | None = Field(default=None, ge=1.0, le=20.0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    lora_path: str | None = Field(default=None, min_length=1)
+    lora_scale: float | None = Field(default=None, ge=0.0, le=2.0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the prompt is blank")
+        return value
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """`"512x768"` → `(512, 768)` (width, height); raises ValueError with a suggestion.
+
+    Sides must be positive multiples of 8 (the VAE's latent grid): `"1000x1000"` fails with
+    "try '1000x1000' → '1000x1000'"-style advice naming the nearest valid size.
+    """
+    match = _SIZE_PATTERN.match(size)
+    if not match:
+        raise ValueError(f"size '{size}' is not of the form WIDTHxHEIGHT, e.g. '512x512'")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width <= 0 or height <= 0:
+        raise ValueError(f"size '{size}' must have positive sides")
+    if width % 8 or height % 8:
+        suggestion = f"{_round8(width)}x{_round8(height)}"
+        raise ValueError(f"size '{size}' is not a multiple of 8; try '{suggestion}'")
+    return width, height
+
+
+def _round8(value: int) -> int:
+    return max(8, int(round(value / 8)) * 8)
+
+
+class ModelLimits(BaseModel):
+    """What a served model accepts; the worker reports it, the API validates with it."""
+
+    id: str
+    native_width: int
+    native_height: int
+    min_side: int = 64
+    max_side: int = 2048
+    default_steps: int = 50
+    default_guidance_scale: float = 7.5
+
+    def resolve_size(self, size: str | None) -> tuple[int, int]:
+        """Validated (width, height) for a request's `size` (None or 'auto' = native)."""
+        if size is None or size.strip().lower() == "auto":
+            return self.native_width, self.native_height
+        width, height = parse_size(size)
+        for side in (width, height):
+            if not self.min_side <= side <= self.max_side:
+                raise ValueError(
+                    f"size '{size}' is outside the limits of model '{self.id}': each side must be "
+                    f"from {self.min_side} to {self.max_side} pixels"
+                )
+        return width, height
+
+
+class GenerationJob(BaseModel):
+    """One request as the worker sees it: everything resolved, one seed per image."""
+
+    request_id: str
+    model: str
+    prompt: str
+    negative_prompt: str | None = None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seeds: list[int]
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int = 100
+    admitted_at: float = Field(description="time.time() when the API admitted the request")
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+class GenerationResult(BaseModel):
+    """The worker's answer for one job: encoded images (base64), or a failure description."""
+
+    request_id: str
+    images_b64: list[str] = Field(default_factory=list)
+    error: str | None = None
+    queue_wait_s: float = 0.0
+    generation_s: float = 0.0
+    encode_s: float = 0.0
+    batch_images: int = 0
+
+
+class WorkerStatus(BaseModel):
+    """Readiness and what the worker serves."""
+
+    ready: bool
+    detail: str = ""
+    device: str | None = None
+    dtype: str | None = None
+    models: list[ModelLimits] = Field(default_factory=list)
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: Literal["png", "webp", "jpeg"] | None = None
+    size: Literal["1024x1024", "1024x1536", "1536x1024"] | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "hypergen"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

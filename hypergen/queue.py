@@ -1,0 +1,64 @@
+"""Admission control: a bounded FIFO of requests waiting for the worker.
+
+A request holds one of `max_in_flight` dispatch slots while the worker has it (those slots
+feed the worker's batches); the rest wait here, in arrival order, at most `max_waiting` of
+them. One more is refused at once with `QueueFull` rather than left to time out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+
+class QueueFull(Exception):
+    """Raised by `AdmissionQueue.slot()` when `max_waiting` requests are already waiting."""
+
+
+class AdmissionQueue:
+    def __init__(self, max_waiting: int, max_in_flight: int) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.max_waiting = max_waiting
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def depth(self) -> int:
+        """Requests admitted and waiting for a dispatch slot."""
+        return len(self._waiting)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Wait (FIFO) for a dispatch slot and hold it for the body of the `async with`."""
+        if self.in_flight < self.max_in_flight and not self._waiting:
+            self.in_flight += 1
+        elif len(self._waiting) >= self.max_waiting:
+            raise QueueFull()
+        else:
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiting.append(turn)
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._release()  # the slot was handed over just as we gave up
+                elif turn in self._waiting:
+                    self._waiting.remove(turn)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                self.in_flight += 1
+                turn.set_result(None)
+                return

@@ -1,0 +1,140 @@
+"""The HTTP surface: OpenAI's Images and Models routes, health and url image files.
+
+Routes stay a few lines each: validation is the pydantic models', work is `ImageServing`'s and
+errors are mapped in `errors.install_error_handlers`. `service.py` hands the serving object
+over through `app.state.serving` when the BentoML service starts.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import __version__
+from .auth import ApiKeyAuth
+from .errors import OpenAIError, error_response, install_error_handlers
+from .protocol import ALLOWED, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList
+from .serving import ImageServing
+
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def serving(request: Request) -> ImageServing:
+    return request.app.state.serving
+
+
+def authorized(request: Request) -> str | None:
+    auth: ApiKeyAuth = request.app.state.auth
+    return auth.check(request.headers.get("authorization"))
+
+
+class RequestLimits:
+    """ASGI middleware: a request ID on every request and response, and a request body cap (413).
+
+    Pure ASGI rather than `BaseHTTPMiddleware`, so the body limit also covers chunked uploads
+    without a Content-Length, and streamed responses pass straight through.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        sent_id = headers.get("x-request-id", "")
+        request_id = sent_id if _CLIENT_REQUEST_ID.match(sent_id) else f"req_{uuid.uuid4().hex}"
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [h for h in message["headers"] if h[0].lower() != b"x-request-id"]
+                message["headers"].append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._too_large(scope, send_with_id)
+            return
+        received = 0
+
+        async def receive_bounded() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise OpenAIError(413, self._too_large_message(), code="request_too_large")
+            return message
+
+        await self.app(scope, receive_bounded, send_with_id)
+
+    def _too_large_message(self) -> str:
+        return f"The request body is larger than the limit of {self.max_body_bytes} bytes."
+
+    async def _too_large(self, scope: Scope, send: Send) -> None:
+        error = OpenAIError(413, self._too_large_message(), code="request_too_large")
+        response = JSONResponse(error.body(), status_code=413)
+        await response(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
+    app = FastAPI(
+        title="HyperGen",
+        version=__version__,
+        description="OpenAI-compatible image generation for diffusers models.",
+    )
+    install_error_handlers(app, ALLOWED)
+    app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes)
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
+    async def create_image(
+        body: ImageGenerationRequest,
+        request: Request,
+        _key: str | None = Depends(authorized),
+        images: ImageServing = Depends(serving),
+    ) -> ImagesResponse:
+        return await images.generate(body, request.state.request_id, str(request.base_url))
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(_key: str | None = Depends(authorized), images: ImageServing = Depends(serving)) -> ModelList:
+        return images.model_list()
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def retrieve_model(
+        model_id: str, _key: str | None = Depends(authorized), images: ImageServing = Depends(serving)
+    ) -> ModelCard:
+        return images.model_card(model_id)
+
+    @app.get("/v1/images/files/{file_id}")
+    async def image_file(file_id: str, images: ImageServing = Depends(serving)) -> FileResponse:
+        # No key needed: like OpenAI's image URLs, the unguessable id is the capability.
+        stored = images.store.get(file_id)
+        if stored is None:
+            raise OpenAIError(404, f"The image '{file_id}' does not exist or has expired.", param="file_id", code="not_found")
+        return FileResponse(stored.path, media_type=stored.media_type)
+
+    @app.get("/health")
+    async def health(images: ImageServing = Depends(serving)) -> JSONResponse:
+        ready, body = await images.health()
+        return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"], include_in_schema=False)
+    async def unknown_route(request: Request) -> Any:
+        return error_response(
+            OpenAIError(404, f"Unknown route: {request.method} {request.url.path}.", code="not_found"), request
+        )
+
+    return app

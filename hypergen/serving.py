@@ -1,0 +1,241 @@
+"""The serving layer: a validated request becomes a job, waits its turn, and its images come back
+formatted as OpenAI's ImagesResponse."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+import time
+from typing import Any, Protocol, Sequence
+
+from starlette.concurrency import run_in_threadpool
+
+from .config import Settings
+from .errors import (
+    OpenAIError,
+    generation_failed,
+    invalid_value,
+    model_not_found,
+    not_ready_error,
+    queue_full_error,
+    timeout_error,
+)
+from .protocol import (
+    MAX_SEED,
+    OPENAI_RESPONSE_SIZES,
+    GenerationJob,
+    GenerationResult,
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelLimits,
+    ModelList,
+    WorkerStatus,
+)
+from .queue import AdmissionQueue, QueueFull
+from .store import ImageStore
+
+logger = logging.getLogger("hypergen.requests")
+
+# How long a known-ready worker status is trusted before asking again.
+STATUS_TTL_S = 5.0
+STATUS_CALL_TIMEOUT_S = 3.0
+
+
+class WorkerClient(Protocol):
+    """What the API needs from the diffusion worker (a BentoML dependency, or an in-process engine)."""
+
+    async def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult]: ...
+
+    async def status(self) -> WorkerStatus: ...
+
+
+class BentoWorkerClient:
+    """Calls the `DiffusionWorker` service through `bentoml.depends`."""
+
+    def __init__(self, dependency: Any) -> None:
+        self._worker = dependency
+
+    async def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult]:
+        results = await self._worker.to_async.generate(list(jobs))
+        return [GenerationResult.model_validate(result) for result in results]
+
+    async def status(self) -> WorkerStatus:
+        return WorkerStatus.model_validate(await self._worker.to_async.status())
+
+
+class ImageServing:
+    """Admission, job building, the worker call and response formatting for image requests."""
+
+    def __init__(self, settings: Settings, worker: WorkerClient, store: ImageStore | None = None) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.store = store or ImageStore(settings.home / "images", settings.url_ttl, settings.store_max_bytes)
+        self.queue = AdmissionQueue(settings.max_queue, max_in_flight=settings.max_batch_size)
+        self.started = int(time.time())
+        self._status: WorkerStatus | None = None
+        self._status_checked = 0.0
+
+    # --- readiness and models --------------------------------------------------------------------
+
+    async def worker_status(self) -> WorkerStatus:
+        """The worker's status, cached briefly once ready; unreachable counts as not ready."""
+        if self._status and self._status.ready and time.monotonic() - self._status_checked < STATUS_TTL_S:
+            return self._status
+        try:
+            status = await asyncio.wait_for(self.worker.status(), STATUS_CALL_TIMEOUT_S)
+        except Exception as error:  # the worker process is starting, restarting or gone
+            status = WorkerStatus(ready=False, detail=f"the diffusion worker is not reachable yet ({type(error).__name__})")
+        self._status, self._status_checked = status, time.monotonic()
+        return status
+
+    async def ready_models(self) -> list[ModelLimits]:
+        status = await self.worker_status()
+        if not status.ready:
+            raise not_ready_error(f"The server is not ready: {status.detail}.")
+        return status.models
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        status = await self.worker_status()
+        body = {
+            "status": "ok" if status.ready else "loading",
+            "model": self.settings.served_model_name,
+            "models": [model.id for model in status.models],
+            "device": status.device,
+            "dtype": status.dtype,
+            "queue_depth": self.queue.depth,
+            "max_queue_size": self.settings.max_queue,
+            "in_flight": self.queue.in_flight,
+        }
+        if not status.ready:
+            body["detail"] = status.detail
+        return status.ready, body
+
+    def model_list(self) -> ModelList:
+        return ModelList(data=[self.model_card(self.settings.served_model_name)])
+
+    def model_card(self, model_id: str) -> ModelCard:
+        if model_id != self.settings.served_model_name:
+            raise model_not_found(model_id, [self.settings.served_model_name])
+        return ModelCard(id=model_id, created=self.started)
+
+    # --- generation ------------------------------------------------------------------------------
+
+    async def generate(self, request: ImageGenerationRequest, request_id: str, base_url: str) -> ImagesResponse:
+        started = time.perf_counter()
+        if request.stream:
+            raise invalid_value("stream", "Streaming is not supported by this server yet; send 'stream': false.")
+        if request.lora_path is not None:
+            raise invalid_value(
+                "lora_path",
+                f"Unknown LoRA adapter '{request.lora_path}': no adapters are loaded on this server.",
+            )
+        limits = self._resolve_model(request.model, await self.ready_models())
+        job = self._build_job(request, limits, request_id)
+        result: GenerationResult | None = None
+        status = 500
+        try:
+            result = await asyncio.wait_for(self._run(job), self.settings.request_timeout)
+            status = 200
+        except asyncio.TimeoutError:
+            status = 504
+            raise timeout_error(self.settings.request_timeout) from None
+        except OpenAIError as error:
+            status = error.status_code
+            raise
+        finally:
+            self._log_request(job, status, started, result)
+        response_format = request.response_format or self.settings.default_response_format
+        return await self._format(result, job, response_format, base_url)
+
+    def _resolve_model(self, requested: str | None, models: list[ModelLimits]) -> ModelLimits:
+        if not models:
+            raise not_ready_error("The server is not ready: no model is loaded.")
+        if requested is None or requested == "":
+            return models[0]
+        for limits in models:
+            if limits.id == requested:
+                return limits
+        raise model_not_found(requested, [limits.id for limits in models])
+
+    def _build_job(self, request: ImageGenerationRequest, limits: ModelLimits, request_id: str) -> GenerationJob:
+        try:
+            width, height = limits.resolve_size(request.size)
+        except ValueError as error:
+            raise invalid_value("size", f"Invalid 'size': {error}.") from None
+        n = request.n or 1
+        # With a seed, image i uses seed + i, so a request is reproducible; without, each image is new.
+        if request.seed is not None:
+            seeds = [(request.seed + index) % (MAX_SEED + 1) for index in range(n)]
+        else:
+            seeds = [secrets.randbelow(MAX_SEED + 1) for _ in range(n)]
+        return GenerationJob(
+            request_id=request_id,
+            model=limits.id,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=width,
+            height=height,
+            num_inference_steps=request.num_inference_steps or limits.default_steps,
+            guidance_scale=request.guidance_scale if request.guidance_scale is not None else limits.default_guidance_scale,
+            seeds=seeds,
+            output_format=request.output_format or "png",
+            output_compression=100 if request.output_compression is None else request.output_compression,
+            admitted_at=time.time(),
+        )
+
+    async def _run(self, job: GenerationJob) -> GenerationResult:
+        try:
+            async with self.queue.slot():
+                results = await self.worker.generate([job])
+        except QueueFull:
+            raise queue_full_error(self.settings.max_queue, retry_after=self._retry_after()) from None
+        except OpenAIError:
+            raise
+        except Exception:
+            logger.exception("request %s: calling the diffusion worker failed", job.request_id)
+            raise generation_failed(job.request_id) from None
+        result = results[0]
+        if result.error or len(result.images_b64) != job.n:
+            logger.error("request %s: generation failed: %s", job.request_id, result.error or "images missing")
+            raise generation_failed(job.request_id)
+        return result
+
+    def _retry_after(self) -> int:
+        """Seconds until a slot is likely free: about one batch per waiting batch, capped at a minute."""
+        return max(1, min(60, 1 + self.queue.depth // self.settings.max_batch_size))
+
+    async def _format(self, result: GenerationResult, job: GenerationJob, response_format: str, base_url: str) -> ImagesResponse:
+        if response_format == "b64_json":
+            data = [ImageData(b64_json=image) for image in result.images_b64]
+        else:
+            base = (self.settings.public_url or base_url).rstrip("/")
+            file_ids = await run_in_threadpool(
+                lambda: [self.store.put(base64.b64decode(image), job.output_format) for image in result.images_b64]
+            )
+            data = [ImageData(url=f"{base}/v1/images/files/{file_id}") for file_id in file_ids]
+        size = f"{job.width}x{job.height}"
+        return ImagesResponse(
+            created=int(time.time()),
+            data=data,
+            output_format=job.output_format,
+            size=size if size in OPENAI_RESPONSE_SIZES else None,
+        )
+
+    def _log_request(self, job: GenerationJob, status: int, started: float, result: GenerationResult | None) -> None:
+        logger.info(
+            "request %s status=%d n=%d size=%dx%d steps=%d queue_wait=%.1fms generation=%.3fs batch_images=%d total=%.3fs",
+            job.request_id,
+            status,
+            job.n,
+            job.width,
+            job.height,
+            job.num_inference_steps,
+            (result.queue_wait_s * 1000) if result else -1.0,
+            result.generation_s if result else 0.0,
+            result.batch_images if result else 0,
+            time.perf_counter() - started,
+        )

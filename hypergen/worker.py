@@ -1,0 +1,184 @@
+"""The diffusion engine: the only owner of torch, the pipelines and the device.
+
+`DiffusionWorker` in `service.py` wraps one engine per worker process. Loading and every
+pipeline call run on one dedicated thread: torch's intra-op pool is per calling thread, and
+hopping threads between calls oversubscribes the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Sequence
+
+from .batching import PipelineCall, group_compatible_jobs
+from .config import Settings, is_bentoml_tag
+from .encoding import encode_image_b64
+from .protocol import GenerationJob, GenerationResult, ModelLimits, WorkerStatus
+
+logger = logging.getLogger("hypergen.worker")
+
+
+class DiffusionEngine:
+    """Loads the configured model in the background and runs batches of jobs on it."""
+
+    def __init__(self, settings: Settings, model_path: str | None = None) -> None:
+        self.settings = settings
+        self._model_path = model_path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypergen-pipeline")
+        self._loaded: Any = None  # pipelines.LoadedPipeline once ready
+        self._load_error: str | None = None
+        self._loading: Future[None] = self._executor.submit(self._load)
+
+    # --- loading -------------------------------------------------------------------------------
+
+    def _model_source(self) -> tuple[str, bool]:
+        """(directory or Hub id to load, whether it is the random-weight embedded default)."""
+        from .pipelines import embedded_default_path
+
+        if self._model_path:
+            return self._model_path, False
+        source = self.settings.model
+        if not source:
+            return str(embedded_default_path(self.settings.home)), True
+        if is_bentoml_tag(source):
+            import bentoml
+
+            return bentoml.models.get(source).path, False
+        return source, False
+
+    def _load(self) -> None:
+        import torch
+
+        from .pipelines import load_text_to_image
+
+        threads = int(os.environ.get("HYPERGEN_TORCH_THREADS", "0")) or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+        try:
+            source, embedded = self._model_source()
+            self._loaded = load_text_to_image(
+                self.settings.served_model_name, source, self.settings.device, random_weights=embedded
+            )
+        except Exception as error:  # reported through /health; the worker stays up to say why
+            self._load_error = f"{type(error).__name__}: {error}"
+            logger.exception("loading the model failed")
+            return
+        loaded = self._loaded
+        logger.info(
+            "model '%s' loaded from %s on %s (%s) in %.2fs; native size %dx%d, default %d steps%s",
+            loaded.name,
+            loaded.source,
+            loaded.device,
+            str(loaded.dtype).replace("torch.", ""),
+            loaded.load_seconds,
+            loaded.native_width,
+            loaded.native_height,
+            loaded.default_steps,
+            "; its weights are RANDOM (the embedded default draws noise, not your prompt)" if loaded.random_weights else "",
+        )
+
+    def status(self) -> WorkerStatus:
+        if self._load_error:
+            return WorkerStatus(ready=False, detail=f"model failed to load: {self._load_error}")
+        loaded = self._loaded
+        if loaded is None:
+            return WorkerStatus(ready=False, detail="loading the model")
+        native_side = max(loaded.native_width, loaded.native_height)
+        limits = ModelLimits(
+            id=loaded.name,
+            native_width=loaded.native_width,
+            native_height=loaded.native_height,
+            min_side=min(64, native_side),
+            max_side=max(1024, 2 * native_side),
+            default_steps=loaded.default_steps,
+            default_guidance_scale=loaded.default_guidance_scale,
+        )
+        return WorkerStatus(ready=True, device=loaded.device, dtype=str(loaded.dtype).replace("torch.", ""), models=[limits])
+
+    # --- generation ----------------------------------------------------------------------------
+
+    async def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult]:
+        """Run a batch on the pipeline thread; one result per job, in order."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, list(jobs))
+
+    def run_batch(self, jobs: list[GenerationJob]) -> list[GenerationResult]:
+        results = [GenerationResult(request_id=job.request_id) for job in jobs]
+        if self._loaded is None:
+            for result in results:
+                result.error = self._load_error or "the model is not loaded"
+            return results
+        for call in group_compatible_jobs(jobs, self.settings.max_batch_size):
+            self._run_call_isolating_failures(jobs, call, results)
+        return results
+
+    def _run_call_isolating_failures(self, jobs: list[GenerationJob], call: PipelineCall, results: list[GenerationResult]) -> None:
+        """Run one call; if it fails and served several jobs, retry each job alone so that one
+        bad request cannot fail the others."""
+        try:
+            self._run_call(jobs, call, results)
+            return
+        except Exception as error:
+            failed_jobs = call.job_indices
+            ids = ", ".join(jobs[index].request_id for index in failed_jobs)
+            logger.error("pipeline call for requests [%s] failed: %s\n%s", ids, error, traceback.format_exc())
+            if len(failed_jobs) == 1:
+                results[failed_jobs[0]].error = f"{type(error).__name__}: {error}"
+                return
+        for job_index in failed_jobs:
+            alone = PipelineCall(call.key, [image for image in call.images if image[0] == job_index])
+            try:
+                self._run_call(jobs, alone, results)
+            except Exception as error:
+                logger.error("request %s failed alone too: %s\n%s", jobs[job_index].request_id, error, traceback.format_exc())
+                results[job_index].error = f"{type(error).__name__}: {error}"
+
+    def _run_call(self, jobs: list[GenerationJob], call: PipelineCall, results: list[GenerationResult]) -> None:
+        import torch
+
+        first = jobs[call.images[0][0]]
+        prompts = [jobs[job].prompt for job, _ in call.images]
+        negatives = None if first.negative_prompt is None else [jobs[job].negative_prompt for job, _ in call.images]
+        # CPU generators: the same seed gives the same image on any device.
+        generators = [torch.Generator("cpu").manual_seed(jobs[job].seeds[image]) for job, image in call.images]
+        started_at = time.time()
+        started = time.perf_counter()
+        output = self._loaded.pipe(
+            prompt=prompts,
+            negative_prompt=negatives,
+            width=first.width,
+            height=first.height,
+            num_inference_steps=first.num_inference_steps,
+            guidance_scale=first.guidance_scale,
+            generator=generators,
+            output_type="pil",
+        )
+        generation_s = time.perf_counter() - started
+        encode_started = time.perf_counter()
+        encoded: dict[tuple[int, int], str] = {
+            position: encode_image_b64(image, jobs[position[0]].output_format, jobs[position[0]].output_compression)
+            for position, image in zip(call.images, output.images)
+        }
+        encode_s = time.perf_counter() - encode_started
+        for job_index in call.job_indices:
+            job, result = jobs[job_index], results[job_index]
+            if not result.images_b64:
+                result.queue_wait_s = max(0.0, started_at - job.admitted_at)
+            images = [encoded[(job_index, image)] for image in range(job.n) if (job_index, image) in encoded]
+            result.images_b64.extend(images)
+            result.generation_s += generation_s
+            result.encode_s += encode_s * len(images) / len(call.images)
+            result.batch_images = max(result.batch_images, len(call.images))
+        logger.info(
+            "pipeline call: %d images for %d requests, %dx%d, %d steps, %.3fs generation, %.3fs encoding",
+            len(call.images),
+            len(call.job_indices),
+            first.width,
+            first.height,
+            first.num_inference_steps,
+            generation_s,
+            encode_s,
+        )
