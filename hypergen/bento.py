@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import Settings, is_bentoml_tag
+from .config import DEFAULT_MODEL_NAME, Settings, is_bentoml_tag
 
 logger = logging.getLogger("hypergen.bento")
 
@@ -36,6 +37,14 @@ def worker_batching(settings: Settings) -> dict[str, int]:
         "max_batch_size": max(2, settings.max_batch_size),
         "max_latency_ms": int(settings.request_timeout * 1000) + 60_000,
     }
+
+
+def default_model_name(source: str | None) -> str:
+    """A BentoML model name for a source: `stabilityai/sdxl-turbo` → `stabilityai--sdxl-turbo`."""
+    if not source:
+        return DEFAULT_MODEL_NAME
+    name = Path(source.rstrip("/")).name if Path(source).is_dir() else source.replace("/", "--")
+    return re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-.") or DEFAULT_MODEL_NAME
 
 
 def import_model(source: str | None, name: str, settings: Settings) -> str:

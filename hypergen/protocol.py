@@ -87,8 +87,8 @@ class ImageGenerationRequest(BaseModel):
 def parse_size(size: str) -> tuple[int, int]:
     """`"512x768"` → `(512, 768)` (width, height); raises ValueError with a suggestion.
 
-    Sides must be positive multiples of 8 (the VAE's latent grid): `"1000x1000"` fails with
-    "try '1000x1000' → '1000x1000'"-style advice naming the nearest valid size.
+    Sides must be positive multiples of 8 (the VAE's latent grid): `"1001x1001"` fails with
+    "... is not a multiple of 8; try '1000x1000'", naming the nearest valid size.
     """
     match = _SIZE_PATTERN.match(size)
     if not match:

@@ -64,18 +64,31 @@ class RequestLimits:
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._too_large(scope, send_with_id)
             return
+        # Read the (bounded) body up front, so an oversized chunked upload is refused with 413
+        # before any route or parser sees it; the app then reads the buffered copy.
+        chunks: list[bytes] = []
         received = 0
-
-        async def receive_bounded() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise OpenAIError(413, self._too_large_message(), code="request_too_large")
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            if received > self.max_body_bytes:
+                await self._too_large(scope, send_with_id)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        await self.app(scope, receive_bounded, send_with_id)
+        async def receive_buffered() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, receive_buffered, send_with_id)
 
     def _too_large_message(self) -> str:
         return f"The request body is larger than the limit of {self.max_body_bytes} bytes."

@@ -1,0 +1,110 @@
+"""`hypergen` command line: serve, import a model into the BentoML store, build a Bento.
+
+    hypergen serve [MODEL] [--port 3000] [--api-key KEY] ...
+    hypergen import [MODEL] [--name NAME]
+    hypergen build [MODEL] [--name NAME]
+
+Flags map to the `HYPERGEN_*` settings; `serve` runs the same `service.py` as `bentoml serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _project_root() -> Path:
+    if not (PROJECT_ROOT / "service.py").is_file():
+        sys.exit(
+            f"hypergen: service.py not found next to the package ({PROJECT_ROOT}); "
+            "install HyperGen from its source tree with `pip install -e .`"
+        )
+    return PROJECT_ROOT
+
+
+def _serve_env(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    mapping = {
+        "HYPERGEN_MODEL": args.model,
+        "HYPERGEN_MODEL_NAME": args.model_name,
+        "HYPERGEN_API_KEYS": ",".join(args.api_key) if args.api_key else None,
+        "HYPERGEN_MAX_QUEUE": args.max_queue,
+        "HYPERGEN_MAX_BATCH_SIZE": args.max_batch_size,
+        "HYPERGEN_REQUEST_TIMEOUT": args.request_timeout,
+        "HYPERGEN_PUBLIC_URL": args.public_url,
+        "HYPERGEN_LOG_LEVEL": args.log_level,
+    }
+    env.update({key: str(value) for key, value in mapping.items() if value is not None})
+    return env
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    root = _project_root()
+    command = [
+        sys.executable, "-m", "bentoml", "serve", "service:ImageAPI",
+        "--working-dir", str(root), "--host", args.host, "--port", str(args.port),
+    ]  # fmt: skip
+    os.execvpe(command[0], command, _serve_env(args))
+    return 0  # not reached
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .bento import default_model_name, import_model
+    from .config import load_settings
+
+    tag = import_model(args.model, args.name or default_model_name(args.model), load_settings())
+    print(tag)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .bento import default_model_name, import_model
+    from .config import load_settings
+
+    root = _project_root()
+    tag = import_model(args.model, args.name or default_model_name(args.model), load_settings())
+    print(f"model {tag} imported; building the Bento")
+    command = [sys.executable, "-m", "bentoml", "build", ".", "--arg", f"model={tag}"]
+    return subprocess.call(command, cwd=root)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hypergen", description="OpenAI-compatible image generation server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model (default: the embedded tiny model)")
+    serve.add_argument("model", nargs="?", help="diffusers directory, Hub id or BentoML model tag")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=3000)
+    serve.add_argument("--model-name", help="id shown in /v1/models (HYPERGEN_MODEL_NAME)")
+    serve.add_argument("--api-key", action="append", help="accepted API key; repeat for several")
+    serve.add_argument("--max-queue", type=int, help="requests allowed to wait (HYPERGEN_MAX_QUEUE, 100)")
+    serve.add_argument("--max-batch-size", type=int, help="images per pipeline call (HYPERGEN_MAX_BATCH_SIZE, 8)")
+    serve.add_argument("--request-timeout", type=float, help="seconds (HYPERGEN_REQUEST_TIMEOUT, 600)")
+    serve.add_argument("--public-url", help="base for url responses (HYPERGEN_PUBLIC_URL)")
+    serve.add_argument("--log-level", help="HYPERGEN_LOG_LEVEL (INFO)")
+    serve.set_defaults(handler=cmd_serve)
+
+    for name, handler, summary in (
+        ("import", cmd_import, "store a diffusers model in the BentoML model store"),
+        ("build", cmd_build, "import the model and build a Bento that carries it"),
+    ):
+        command = commands.add_parser(name, help=summary)
+        command.add_argument("model", nargs="?", help="diffusers directory or Hub id (default: the embedded model)")
+        command.add_argument("--name", help="BentoML model name (default: derived from MODEL)")
+        command.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""In-process app: the real FastAPI routes and serving layer, with a real engine on a tiny
+pipeline (or a scripted worker where a test needs exact timing), reached through httpx's ASGI
+transport and the official AsyncOpenAI client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Sequence
+
+import httpx
+import pytest
+from openai import AsyncOpenAI
+
+from hypergen.auth import ApiKeyAuth
+from hypergen.config import Settings
+from hypergen.protocol import GenerationJob, GenerationResult, WorkerStatus
+from hypergen.routes import create_app
+from hypergen.serving import ImageServing
+
+
+class EngineClient:
+    """WorkerClient backed by an in-process DiffusionEngine."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    async def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult]:
+        return await self.engine.generate(jobs)
+
+    async def status(self) -> WorkerStatus:
+        return self.engine.status()
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_sd_dir, tmp_path_factory):
+    from hypergen.worker import DiffusionEngine
+
+    settings = Settings(model=str(tiny_sd_dir), home=tmp_path_factory.mktemp("engine-home"))
+    engine = DiffusionEngine(settings, model_path=str(tiny_sd_dir))
+    deadline = time.monotonic() + 120
+    while not engine.status().ready:
+        assert time.monotonic() < deadline, engine.status().detail
+        time.sleep(0.05)
+    return engine
+
+
+@pytest.fixture
+def make_app(tmp_path):
+    """make_app(worker, api_keys=[...], **settings) → (app, settings)."""
+
+    def build(worker, api_keys=(), max_body_bytes=1_000_000, **overrides):
+        settings = Settings(home=tmp_path, model_name="tiny", api_keys=",".join(api_keys) or None, **overrides)
+        app = create_app(max_body_bytes)
+        app.state.auth = ApiKeyAuth(settings.api_key_list)
+        app.state.serving = ImageServing(settings, worker)
+        return app
+
+    return build
+
+
+@pytest.fixture
+def app(make_app, engine):
+    return make_app(EngineClient(engine))
+
+
+def http(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+def openai_client(app, api_key: str = "anything") -> AsyncOpenAI:
+    return AsyncOpenAI(base_url="http://testserver/v1", api_key=api_key, http_client=http(app), max_retries=0)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)

@@ -1,0 +1,259 @@
+import asyncio
+import base64
+import io
+import logging
+
+import openai
+import pytest
+from PIL import Image
+
+from hypergen.protocol import GenerationResult, ModelLimits, WorkerStatus
+
+from .conftest import EngineClient, http, openai_client, run
+
+TINY = ModelLimits(id="tiny", native_width=64, native_height=64, default_steps=4)
+
+
+class ScriptedWorker:
+    """A worker whose generate() blocks until released; for exact queue tests."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def generate(self, jobs):
+        self.calls += 1
+        await self.release.wait()
+        return [GenerationResult(request_id=job.request_id, images_b64=[base64.b64encode(b"x").decode()] * job.n) for job in jobs]
+
+    async def status(self):
+        return WorkerStatus(ready=True, models=[TINY])
+
+
+@pytest.mark.parametrize(
+    "body, param, fragment",
+    [
+        ({"prompt": "a", "n": 11}, "n", "1 to 10"),
+        ({"prompt": "a", "size": "64"}, "size", "WIDTHxHEIGHT"),
+        ({"prompt": "a", "size": "60x64"}, "size", "multiple of 8"),
+        ({"prompt": "a", "size": "4096x4096"}, "size", "from 64 to 2048"),
+        ({"prompt": "a", "num_inference_steps": 0}, "num_inference_steps", "1 to 150"),
+        ({"prompt": "a", "guidance_scale": 0.5}, "guidance_scale", "1.0 to 20.0"),
+        ({"prompt": "a", "lora_scale": -1}, "lora_scale", "0.0 to 2.0"),
+        ({"prompt": "a", "response_format": "png"}, "response_format", "'url' or 'b64_json'"),
+        ({"prompt": ""}, "prompt", "non-empty"),
+        ({"n": 1}, "prompt", "Missing required parameter"),
+        ({"prompt": ["a", "b"]}, "prompt", "non-empty string"),
+        ({"prompt": "a", "n": "two"}, "n", "1 to 10"),
+        ({"prompt": "a", "stream": True}, "stream", "not supported"),
+        ({"prompt": "a", "lora_path": "style"}, "lora_path", "no adapters are loaded"),
+    ],
+)
+def test_bad_parameters_are_400_naming_the_field(make_app, body, param, fragment):
+    app = make_app(ScriptedWorker())
+
+    async def scenario():
+        async with http(app) as client:
+            return await client.post("/v1/images/generations", json=body)
+
+    response = run(scenario())
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and fragment in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b"null"])
+def test_malformed_bodies_are_400_openai_errors(make_app, raw):
+    app = make_app(ScriptedWorker())
+
+    async def scenario():
+        async with http(app) as client:
+            return await client.post("/v1/images/generations", content=raw, headers={"content-type": "application/json"})
+
+    response = run(scenario())
+    assert response.status_code == 400 and "error" in response.json()
+
+
+def test_the_official_client_raises_typed_errors(make_app):
+    app = make_app(ScriptedWorker())
+
+    async def scenario():
+        client = openai_client(app)
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.images.generate(prompt="a", n=12)
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.images.generate(prompt="a", model="dall-e-9")
+        return bad.value, missing.value
+
+    bad, missing = run(scenario())
+    assert bad.body["param"] == "n"
+    assert missing.body["code"] == "model_not_found" and "tiny" in missing.body["message"]
+
+
+def test_unknown_openai_fields_are_accepted_and_unknown_routes_are_404(make_app):
+    worker = ScriptedWorker()
+    worker.release.set()
+    app = make_app(worker)
+
+    async def scenario():
+        async with http(app) as client:
+            ok = await client.post(
+                "/v1/images/generations",
+                json={"prompt": "a", "quality": "high", "style": "natural", "moderation": "low", "user": "u", "brand_new": 1},
+            )
+            missing = await client.get("/v2/whatever")
+            return ok, missing
+
+    ok, missing = run(scenario())
+    assert ok.status_code == 200, ok.text
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_every_response_carries_a_request_id_and_echoes_the_clients(make_app):
+    app = make_app(ScriptedWorker())
+
+    async def scenario():
+        async with http(app) as client:
+            mine = await client.get("/v1/models", headers={"X-Request-ID": "trace-123"})
+            generated = await client.post("/v1/images/generations", json={"n": 0})
+            return mine, generated
+
+    mine, generated = run(scenario())
+    assert mine.headers["x-request-id"] == "trace-123"
+    assert generated.headers["x-request-id"].startswith("req_") and generated.status_code == 400
+
+
+def test_bodies_over_the_limit_are_413(make_app):
+    app = make_app(ScriptedWorker(), max_body_bytes=1000)
+
+    async def scenario():
+        async with http(app) as client:
+            declared = await client.post("/v1/images/generations", json={"prompt": "a" * 5000})
+
+            async def chunks():
+                for _ in range(10):
+                    yield b"x" * 500
+
+            chunked = await client.post("/v1/images/generations", content=chunks(), headers={"content-type": "application/json"})
+            return declared, chunked
+
+    declared, chunked = run(scenario())
+    assert declared.status_code == 413 and declared.json()["error"]["code"] == "request_too_large"
+    assert chunked.status_code == 413
+
+
+def test_api_keys_are_enforced_except_on_health(make_app):
+    worker = ScriptedWorker()
+    worker.release.set()
+    app = make_app(worker, api_keys=["k1", "k2"])
+
+    async def scenario():
+        with pytest.raises(openai.AuthenticationError):
+            await openai_client(app, api_key="wrong").images.generate(prompt="a")
+        async with http(app) as client:
+            missing = await client.get("/v1/models")
+            health = await client.get("/health")
+        good = await openai_client(app, api_key="k2").models.list()
+        return missing, health, good
+
+    missing, health, good = run(scenario())
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    assert health.status_code == 200
+    assert [model.id for model in good.data] == ["tiny"]
+
+
+def test_a_full_queue_answers_503_at_once_with_retry_after(make_app):
+    worker = ScriptedWorker()
+    app = make_app(worker, max_queue=2, max_batch_size=1)
+
+    async def scenario():
+        async with http(app) as client:
+            admitted = [asyncio.create_task(client.post("/v1/images/generations", json={"prompt": str(i)})) for i in range(3)]
+            await asyncio.sleep(0.2)
+            health = (await client.get("/health")).json()
+            refused = await asyncio.wait_for(client.post("/v1/images/generations", json={"prompt": "late"}), 5)
+            worker.release.set()
+            return health, refused, await asyncio.gather(*admitted)
+
+    health, refused, admitted = run(scenario())
+    assert health["queue_depth"] == 2 and health["in_flight"] == 1 and health["max_queue_size"] == 2
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "queue_full" and int(refused.headers["retry-after"]) >= 1
+    assert [response.status_code for response in admitted] == [200, 200, 200]
+
+
+def test_health_is_503_until_the_worker_is_ready(make_app):
+    class Loading(ScriptedWorker):
+        async def status(self):
+            return WorkerStatus(ready=False, detail="loading the model")
+
+    app = make_app(Loading())
+
+    async def scenario():
+        async with http(app) as client:
+            return await client.get("/health"), await client.post("/v1/images/generations", json={"prompt": "a"})
+
+    health, generation = run(scenario())
+    assert health.status_code == 503 and health.json()["status"] == "loading"
+    assert generation.status_code == 503 and generation.json()["error"]["code"] == "not_ready"
+
+
+def test_a_failing_generation_is_500_for_that_request_only(make_app, engine, caplog):
+    original = engine._loaded.pipe
+
+    class Exploding:
+        def __getattr__(self, name):
+            return getattr(original, name)
+
+        def __call__(self, *args, **kwargs):
+            if any("explode" in prompt for prompt in kwargs["prompt"]):
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return original(*args, **kwargs)
+
+    app = make_app(EngineClient(engine))
+    engine._loaded.pipe = Exploding()
+    try:
+        async def scenario():
+            async with http(app) as client:
+                bad = client.post("/v1/images/generations", json={"prompt": "explode", "num_inference_steps": 2})
+                good = client.post("/v1/images/generations", json={"prompt": "fine", "num_inference_steps": 2})
+                return await asyncio.gather(bad, good)
+
+        with caplog.at_level(logging.INFO, logger="hypergen"):
+            bad, good = run(scenario())
+    finally:
+        engine._loaded.pipe = original
+    assert bad.status_code == 500
+    error = bad.json()["error"]
+    assert error["code"] == "generation_failed" and "CUDA" not in error["message"] and "Traceback" not in error["message"]
+    request_id = bad.headers["x-request-id"]
+    assert request_id in error["message"]
+    assert good.status_code == 200 and len(good.json()["data"]) == 1
+    logged = caplog.text
+    assert request_id in logged and "RuntimeError: CUDA out of memory" in logged and "Traceback" in logged
+
+
+def test_url_responses_serve_the_same_png_until_expiry(make_app, engine):
+    app = make_app(EngineClient(engine), url_ttl=60, public_url="https://images.example.test/base/")
+
+    async def scenario():
+        async with http(app) as client:
+            body = {"prompt": "a", "num_inference_steps": 2, "seed": 5}
+            as_b64 = (await client.post("/v1/images/generations", json={**body, "response_format": "b64_json"})).json()
+            as_url = (await client.post("/v1/images/generations", json={**body, "response_format": "url"})).json()
+            url = as_url["data"][0]["url"]
+            assert url.startswith("https://images.example.test/base/v1/images/files/img_")
+            path = url.split("/base", 1)[1]
+            fetched = await client.get(path)
+            serving = app.state.serving
+            serving.store.ttl_seconds = 0.0  # everything stored is now expired
+            expired = await client.get(path)
+            return as_b64, fetched, expired
+
+    as_b64, fetched, expired = run(scenario())
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+    assert fetched.content == base64.b64decode(as_b64["data"][0]["b64_json"])
+    assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)
+    assert expired.status_code == 404 and expired.json()["error"]["code"] == "not_found"

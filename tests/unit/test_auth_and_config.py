@@ -1,0 +1,40 @@
+import pytest
+
+from hypergen.auth import ApiKeyAuth
+from hypergen.config import DEFAULT_MODEL_NAME, Settings, load_settings
+from hypergen.errors import OpenAIError
+
+
+def test_auth_off_without_keys():
+    assert ApiKeyAuth([]).check(None) is None
+
+
+@pytest.mark.parametrize("header, code", [(None, "missing_api_key"), ("Bearer", "missing_api_key"), ("Basic k1", "missing_api_key"), ("Bearer nope", "invalid_api_key"), ("Bearer k1x", "invalid_api_key")])
+def test_wrong_or_missing_keys_are_401_without_echoing_the_key(header, code):
+    with pytest.raises(OpenAIError) as caught:
+        ApiKeyAuth(["k1", "k2"]).check(header)
+    assert caught.value.status_code == 401 and caught.value.code == code
+    assert "nope" not in caught.value.message and "k1" not in caught.value.message
+
+
+def test_any_configured_key_is_accepted():
+    auth = ApiKeyAuth(["k1", "k2"])
+    assert auth.check("Bearer k2") == "k2" and auth.check("bearer  k1 ") == "k1"
+
+
+def test_settings_come_from_the_environment_and_arguments_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("HYPERGEN_MAX_QUEUE", "7")
+    monkeypatch.setenv("HYPERGEN_API_KEYS", " a, b ,")
+    monkeypatch.setenv("HYPERGEN_MODEL", str(tmp_path))
+    settings = load_settings({"max_queue": 9, "unrelated": 1})
+    assert settings.max_queue == 9 and settings.api_key_list == ["a", "b"]
+    assert settings.served_model_name == tmp_path.name
+
+
+def test_served_model_name_is_derived_from_the_source(monkeypatch):
+    monkeypatch.delenv("HYPERGEN_MODEL", raising=False)
+    assert Settings().served_model_name == DEFAULT_MODEL_NAME
+    assert Settings(model="stabilityai/sdxl-turbo").served_model_name == "stabilityai/sdxl-turbo"
+    assert Settings(model="my-model:abc123").served_model_name == "my-model"
+    assert Settings(model="x", model_name="pretty").served_model_name == "pretty"
+    assert Settings(api_keys=" , ").api_key_list == []

@@ -1,0 +1,35 @@
+import os
+import time
+
+from hypergen.store import ImageStore
+
+
+def test_stored_images_are_served_until_they_expire_then_deleted(tmp_path):
+    store = ImageStore(tmp_path, ttl_seconds=60, max_bytes=10_000)
+    file_id = store.put(b"png-bytes", "png")
+    stored = store.get(file_id)
+    assert stored is not None and stored.path.read_bytes() == b"png-bytes" and stored.media_type == "image/png"
+    past = time.time() - 120
+    os.utime(stored.path, (past, past))
+    assert store.get(file_id) is None
+    assert not stored.path.exists()
+
+
+def test_ids_are_unguessable_and_paths_cannot_escape(tmp_path):
+    store = ImageStore(tmp_path / "images", ttl_seconds=60, max_bytes=10_000)
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    first, second = store.put(b"a", "png"), store.put(b"b", "webp")
+    assert first != second and len(first) > 20 and second.endswith(".webp")
+    for probe in ("../secret.png", "..%2Fsecret.png", "secret.png", "img_/../../secret.png", ""):
+        assert store.get(probe) is None
+
+
+def test_the_store_is_bounded_by_bytes_oldest_first(tmp_path):
+    store = ImageStore(tmp_path, ttl_seconds=3600, max_bytes=250)
+    ids = []
+    for index in range(5):
+        ids.append(store.put(bytes(100), "png"))
+        then = time.time() - 100 + index
+        os.utime(tmp_path / ids[-1], (then, then))
+    assert store.purge() <= 250
+    assert [store.get(file_id) is not None for file_id in ids] == [False, False, False, True, True]
