@@ -1,0 +1,155 @@
+"""The serving core as a user meets it: `bentoml serve` and the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from openai import OpenAI
+from PIL import Image
+
+pytestmark = pytest.mark.e2e
+
+URL_TTL_S = 6
+
+
+@pytest.fixture(scope="module")
+def default_server(start_server):
+    """The embedded default model, as `bentoml serve` starts it with no configuration."""
+    server = start_server({"HYPERGEN_URL_TTL": str(URL_TTL_S)})
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="module")
+def client(default_server) -> OpenAI:
+    return OpenAI(base_url=f"{default_server.base_url}/v1", api_key="anything", max_retries=0)
+
+
+def decode(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(decode(b64).convert("RGB"), dtype=np.int16)
+
+
+def test_generate_two_png_images_with_the_openai_client(default_server, client, validate_openai):
+    response = client.images.generate(prompt="a red circle", n=2, size="64x64", response_format="b64_json")
+    assert len(response.data) == 2 and response.created > 1_700_000_000
+    for item in response.data:
+        image = decode(item.b64_json)
+        assert image.format == "PNG" and image.size == (64, 64)
+    raw = httpx.post(
+        f"{default_server.base_url}/v1/images/generations",
+        json={"prompt": "a red circle", "n": 2, "size": "64x64", "response_format": "b64_json"},
+        timeout=60,
+    )
+    validate_openai("ImagesResponse", raw.json())
+    assert "size" not in raw.json()  # 64x64 is outside OpenAI's enum, so it is left out
+
+
+def test_url_images_download_until_they_expire(default_server, client):
+    body = dict(prompt="a blue square", size="64x64", extra_body={"seed": 11, "num_inference_steps": 4})
+    as_b64 = client.images.generate(response_format="b64_json", **body)
+    as_url = client.images.generate(response_format="url", **body)
+    url = as_url.data[0].url
+    assert url.startswith(f"{default_server.base_url}/v1/images/files/")
+    downloaded = httpx.get(url, timeout=10)
+    assert downloaded.status_code == 200 and downloaded.headers["content-type"] == "image/png"
+    assert downloaded.content == base64.b64decode(as_b64.data[0].b64_json)
+    time.sleep(URL_TTL_S + 1)
+    expired = httpx.get(url, timeout=10)
+    assert expired.status_code == 404 and expired.json()["error"]["code"] == "not_found"
+
+
+def test_models_and_health(default_server, client, validate_openai):
+    models = client.models.list()
+    assert [model.id for model in models.data] == ["hypergen-tiny-sd"]
+    assert client.models.retrieve("hypergen-tiny-sd").id == "hypergen-tiny-sd"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-image-1")
+    validate_openai("ListModelsResponse", httpx.get(f"{default_server.base_url}/v1/models").json())
+    health = httpx.get(f"{default_server.base_url}/health")
+    assert health.status_code == 200
+    assert {"status": "ok", "model": "hypergen-tiny-sd", "queue_depth": 0, "max_queue_size": 100}.items() <= health.json().items()
+
+
+def test_seeds_make_images_reproducible(client):
+    def one(seed=None, n=1):
+        extra = {"num_inference_steps": 4} | ({"seed": seed} if seed is not None else {})
+        response = client.images.generate(prompt="a green triangle", n=n, size="64x64", response_format="b64_json", extra_body=extra)
+        return [pixels(item.b64_json) for item in response.data]
+
+    first, again, other = one(seed=42)[0], one(seed=42)[0], one(seed=43)[0]
+    assert np.array_equal(first, again)
+    assert np.abs(first - other).mean() > 1.0
+    unseeded = one(n=2) + one()
+    assert all(np.abs(a - b).mean() > 1.0 for i, a in enumerate(unseeded) for b in unseeded[i + 1 :])
+
+
+def test_bad_input_raises_bad_request_naming_the_field(client, default_server):
+    cases = [
+        ({"n": 11}, "n"),
+        ({"size": "100x100"}, "size"),
+        ({"size": "8192x8192"}, "size"),
+        ({"response_format": "gif"}, "response_format"),
+    ]
+    for fields, param in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.images.generate(prompt="a", **fields)
+        assert caught.value.body["param"] == param
+    for extra, param in [
+        ({"num_inference_steps": 500}, "num_inference_steps"),
+        ({"guidance_scale": 21}, "guidance_scale"),
+        ({"lora_scale": 3}, "lora_scale"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.images.generate(prompt="a", extra_body=extra)
+        assert caught.value.body["param"] == param
+    with pytest.raises(openai.NotFoundError):
+        client.images.generate(prompt="a", model="no-such-model")
+    unknown = httpx.post(f"{default_server.base_url}/v1/nothing/here", json={})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+    ok = client.images.generate(prompt="a", size="64x64", quality="high", style="vivid", user="me", extra_body={"num_inference_steps": 2, "background": "opaque", "moderation": "low"})
+    assert len(ok.data) == 1
+
+
+def test_concurrent_requests_are_all_answered_with_their_own_images(client):
+    def one(seed):
+        response = client.images.generate(
+            prompt=f"shape {seed}", size="64x64", response_format="b64_json", extra_body={"seed": seed, "num_inference_steps": 4}
+        )
+        return pixels(response.data[0].b64_json)
+
+    seeds = list(range(100, 106))
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        together = list(pool.map(one, seeds))
+    alone = [one(seed) for seed in seeds]
+    for a, b in zip(together, alone):
+        assert np.abs(a - b).mean() <= 1.0
+
+
+def test_request_ids_and_logs(default_server, client):
+    response = httpx.post(
+        f"{default_server.base_url}/v1/images/generations",
+        json={"prompt": "a", "size": "64x64", "num_inference_steps": 2},
+        headers={"X-Request-ID": "my-trace-42"},
+        timeout=60,
+    )
+    assert response.status_code == 200 and response.headers["x-request-id"] == "my-trace-42"
+    assert httpx.get(f"{default_server.base_url}/health").headers["x-request-id"].startswith("req_")
+    log = default_server.log()
+    assert "model 'hypergen-tiny-sd' loaded from" in log and "on cpu (float32)" in log and "RANDOM" in log
+    request_line = next(line for line in log.splitlines() if "request my-trace-42" in line)
+    for fragment in ("status=200", "n=1", "size=64x64", "steps=2", "queue_wait=", "generation="):
+        assert fragment in request_line
+    assert float(request_line.split("queue_wait=")[1].split("ms")[0]) >= 0  # timings are bench/'s business
