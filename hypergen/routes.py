@@ -11,7 +11,7 @@ import re
 import uuid
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -116,10 +116,13 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
     async def create_image(
         body: ImageGenerationRequest,
         request: Request,
+        response: Response,
         _key: str | None = Depends(authorized),
         images: ImageServing = Depends(serving),
     ) -> ImagesResponse:
-        return await images.generate(body, request.state.request_id, str(request.base_url))
+        result, timing = await images.generate(body, request.state.request_id, str(request.base_url))
+        response.headers["Server-Timing"] = timing
+        return result
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(_key: str | None = Depends(authorized), images: ImageServing = Depends(serving)) -> ModelList:

@@ -67,6 +67,14 @@ class BentoWorkerClient:
         return WorkerStatus.model_validate(await self._worker.to_async.status())
 
 
+def server_timing(result: GenerationResult) -> str:
+    """`Server-Timing` header (W3C): where the time went inside HyperGen, in milliseconds."""
+    return ", ".join(
+        f"{name};dur={seconds * 1000:.2f}"
+        for name, seconds in (("queue", result.queue_wait_s), ("generation", result.generation_s), ("encode", result.encode_s))
+    )
+
+
 class ImageServing:
     """Admission, job building, the worker call and response formatting for image requests."""
 
@@ -124,7 +132,8 @@ class ImageServing:
 
     # --- generation ------------------------------------------------------------------------------
 
-    async def generate(self, request: ImageGenerationRequest, request_id: str, base_url: str) -> ImagesResponse:
+    async def generate(self, request: ImageGenerationRequest, request_id: str, base_url: str) -> tuple[ImagesResponse, str]:
+        """The response and its `Server-Timing` header value (queue wait, generation, encoding)."""
         started = time.perf_counter()
         if request.stream:
             raise invalid_value("stream", "Streaming is not supported by this server yet; send 'stream': false.")
@@ -149,7 +158,7 @@ class ImageServing:
         finally:
             self._log_request(job, status, started, result)
         response_format = request.response_format or self.settings.default_response_format
-        return await self._format(result, job, response_format, base_url)
+        return await self._format(result, job, response_format, base_url), server_timing(result)
 
     def _resolve_model(self, requested: str | None, models: list[ModelLimits]) -> ModelLimits:
         if not models:
