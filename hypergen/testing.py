@@ -29,7 +29,12 @@ class BentoServer:
     """
 
     def __init__(
-        self, log_path: Path, env: dict[str, str], target: str = "service:ImageAPI", cwd: Path = PROJECT_ROOT
+        self,
+        log_path: Path,
+        env: dict[str, str],
+        target: str = "service:ImageAPI",
+        cwd: Path = PROJECT_ROOT,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -38,7 +43,7 @@ class BentoServer:
         full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", **env}
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", target, "--port", str(self.port), "--host", "127.0.0.1"],
+            [sys.executable, "-m", "bentoml", "serve", target, "--port", str(self.port), "--host", "127.0.0.1", *extra_args],
             cwd=cwd,
             env=full_env,
             stdout=self._log,
