@@ -54,3 +54,7 @@ class ImageAPI:
 
         app.state.auth = ApiKeyAuth(settings.api_key_list)
         app.state.serving = ImageServing(settings, BentoWorkerClient(self.worker))
+
+    @bentoml.on_startup
+    async def warm_up(self) -> None:
+        app.state.serving.start_warm_up()

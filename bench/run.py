@@ -45,6 +45,9 @@ def parse_server_timing(header: str) -> dict[str, float]:
         name, _, duration = part.strip().partition(";dur=")
         if duration:
             timings[name] = float(duration) / 1000
+        elif ';desc="' in part:
+            name, _, value = part.strip().partition(';desc="')
+            timings[name] = float(value.rstrip('"'))
     return timings
 
 
@@ -143,6 +146,7 @@ def run_load(base_url: str, concurrency: int, requests: int, body: dict[str, Any
         "queue_wait_p50_ms": percentile(queue_waits, 50) * 1000,
         "queue_wait_p99_ms": percentile(queue_waits, 99) * 1000,
         "encode_mean_ms": statistics.mean(sample.get("encode", 0) for sample in samples) * 1000,
+        "mean_images_per_call": statistics.mean(sample.get("batch", 1) for sample in samples),
         "latency_mean_ms": statistics.mean(latencies) * 1000,
     }
 
@@ -181,7 +185,8 @@ def markdown(result: dict[str, Any]) -> str:
     for level in result["server"]:
         lines.append(
             f"| server, concurrency {level['concurrency']} | {level['images_per_s']:.2f} images/s "
-            f"(server ÷ bare batch {level['bare_batch']}: {level['server_over_bare']:.2f}) · p50 {level['latency_p50_ms']:.0f} ms · p95 {level['latency_p95_ms']:.0f} ms |"
+            f"(server ÷ bare batch {level['bare_batch']}: {level['server_over_bare']:.2f}) · p50 {level['latency_p50_ms']:.0f} ms · "
+            f"p95 {level['latency_p95_ms']:.0f} ms · {level['mean_images_per_call']:.1f} images per pipeline call |"
         )
     gain = result["batching_gain"]
     lines += [

@@ -49,11 +49,12 @@ def engine(tiny_sd_dir, tmp_path_factory):
 def make_app(tmp_path):
     """make_app(worker, api_keys=[...], **settings) → (app, settings)."""
 
-    def build(worker, api_keys=(), max_body_bytes=1_000_000, **overrides):
+    def build(worker, api_keys=(), max_body_bytes=1_000_000, warmed_up=True, **overrides):
         settings = Settings(home=tmp_path, model_name="tiny", api_keys=",".join(api_keys) or None, **overrides)
         app = create_app(max_body_bytes)
         app.state.auth = ApiKeyAuth(settings.api_key_list)
         app.state.serving = ImageServing(settings, worker)
+        app.state.serving.warmed_up = warmed_up
         return app
 
     return build

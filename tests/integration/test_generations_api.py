@@ -231,6 +231,8 @@ def test_a_failing_generation_is_500_for_that_request_only(make_app, engine, cap
     request_id = bad.headers["x-request-id"]
     assert request_id in error["message"]
     assert good.status_code == 200 and len(good.json()["data"]) == 1
+    timing = good.headers["server-timing"]
+    assert "queue;dur=" in timing and "generation;dur=" in timing and 'batch;desc="1"' in timing
     logged = caplog.text
     assert request_id in logged and "RuntimeError: CUDA out of memory" in logged and "Traceback" in logged
 
@@ -257,3 +259,24 @@ def test_url_responses_serve_the_same_png_until_expiry(make_app, engine):
     assert fetched.content == base64.b64decode(as_b64["data"][0]["b64_json"])
     assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)
     assert expired.status_code == 404 and expired.json()["error"]["code"] == "not_found"
+
+
+def test_health_waits_for_the_batcher_warm_up_and_real_requests_are_not_counted(make_app):
+    worker = ScriptedWorker()
+    worker.release.set()
+    app = make_app(worker, warmed_up=False)
+
+    async def scenario():
+        async with http(app) as client:
+            first = await client.get("/health")
+            app.state.serving.start_warm_up()
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if app.state.serving.warmed_up:
+                    break
+            return first, await client.get("/health")
+
+    first, after = run(scenario())
+    assert first.status_code == 503 and first.json()["detail"] == "warming up the batcher"
+    assert after.status_code == 200 and after.json()["status"] == "ok"
+    assert worker.calls == 12

@@ -1,0 +1,60 @@
+"""The engine's batch policy, on a real tiny pipeline: grouping, per-image seeds, failure isolation."""
+
+import base64
+import io
+import time
+
+import numpy as np
+from PIL import Image
+
+from hypergen.protocol import GenerationJob
+
+
+def job(request_id, prompt="a shape", seeds=(1,), size=(64, 64), negative=None, steps=3):
+    return GenerationJob(
+        request_id=request_id, model="tiny-sd", prompt=prompt, negative_prompt=negative, width=size[0], height=size[1],
+        num_inference_steps=steps, guidance_scale=7.5, seeds=list(seeds), admitted_at=time.time(),
+    )  # fmt: skip
+
+
+def pixels(b64):
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def test_a_batch_gives_each_image_what_its_request_gets_alone(engine):
+    jobs = [
+        job("a", "a red circle", seeds=(3, 4)),
+        job("b", "a blue square", seeds=(9,), negative="green"),
+        job("c", "a triangle", seeds=(5,), size=(128, 64)),
+        job("d", "stars", seeds=(7,)),
+    ]
+    together = engine.run_batch(jobs)
+    alone = [engine.run_batch([single])[0] for single in jobs]
+    for batched, single in zip(together, alone):
+        assert batched.error is None and len(batched.images_b64) == len(single.images_b64)
+        for x, y in zip(batched.images_b64, single.images_b64):
+            assert np.abs(pixels(x) - pixels(y)).mean() <= 1.0
+    assert together[0].batch_images == 3  # a (2 images) and d shared one call
+    assert pixels(together[2].images_b64[0]).shape == (64, 128, 3)
+
+
+def test_one_failing_request_does_not_fail_the_others_in_its_call(engine):
+    original = engine._loaded.pipe
+
+    class FailsOnPoison:
+        def __getattr__(self, name):
+            return getattr(original, name)
+
+        def __call__(self, *args, **kwargs):
+            if "poison" in kwargs["prompt"]:
+                raise ValueError("this prompt breaks the pipeline")
+            return original(*args, **kwargs)
+
+    engine._loaded.pipe = FailsOnPoison()
+    try:
+        results = engine.run_batch([job("ok-1", seeds=(1,)), job("bad", "poison"), job("ok-2", seeds=(2, 3))])
+    finally:
+        engine._loaded.pipe = original
+    assert [result.error is None for result in results] == [True, False, True]
+    assert "this prompt breaks the pipeline" in results[1].error
+    assert [len(result.images_b64) for result in results] == [1, 0, 2]
