@@ -1,9 +1,10 @@
 """Grouping a batch of jobs into pipeline calls (pure; no torch).
 
 Jobs can share one `pipe(...)` call when everything that applies to the whole call is equal:
-model, size, steps, guidance scale and whether a negative prompt is given (SDXL encodes a
-missing negative prompt as zeros, not as ""). Prompts, negative prompts, seeds and `n` may
-differ: each image gets its own generator, so it is the image the job would get alone.
+model, mode (text-to-image, image-to-image, inpainting), size, steps, guidance scale, strength
+and whether a negative prompt is given (SDXL encodes a missing negative prompt as zeros, not as
+""). Prompts, negative prompts, seeds, init images, masks and `n` may differ: each image gets
+its own generator, so it is the image the job would get alone.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ def call_key(job: GenerationJob) -> Hashable:
     """What must be equal for two jobs to run in one pipeline call."""
     return (
         job.model,
+        job.mode,
+        job.strength,
         job.width,
         job.height,
         job.num_inference_steps,

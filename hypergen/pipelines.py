@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,10 @@ import torch
 logger = logging.getLogger("hypergen.pipelines")
 
 # Bump when the embedded default's recipe changes, so stale caches are not reused.
-EMBEDDED_DEFAULT_VERSION = "tiny-sd-v1"
+EMBEDDED_DEFAULT_VERSION = "tiny-sd-v2"
+# A small autoencoder trained to reconstruct images (`python -m training.pixel_vae`): with it,
+# the tiny pipelines' image-to-image and inpainting keep what they are given.
+PIXEL_VAE_DIR = Path(__file__).resolve().parent / "assets" / "pixel-vae"
 # Optional per-model defaults a model directory may carry (HyperGen's own convention).
 MODEL_DEFAULTS_FILE = "hypergen.json"
 
@@ -41,6 +44,8 @@ class LoadedPipeline:
     default_guidance_scale: float
     random_weights: bool
     load_seconds: float
+    # "text-to-image" → pipe; "image-to-image" / "inpainting" → pipelines sharing its weights.
+    modes: dict[str, Any] = field(default_factory=dict)
 
 
 def choose_device(requested: str | None = None) -> str:
@@ -79,6 +84,7 @@ def load_text_to_image(name: str, source: str, device: str | None = None, random
     pipe.set_progress_bar_config(disable=True)
     width, height = native_size(pipe)
     defaults = read_model_defaults(source)
+    modes = derive_mode_pipelines(pipe)
     return LoadedPipeline(
         name=name,
         pipe=pipe,
@@ -91,7 +97,25 @@ def load_text_to_image(name: str, source: str, device: str | None = None, random
         default_guidance_scale=float(defaults.get("guidance_scale", 7.5)),
         random_weights=random_weights or bool(defaults.get("random_weights", False)),
         load_seconds=time.perf_counter() - started,
+        modes=modes,
     )
+
+
+def derive_mode_pipelines(pipe: Any) -> dict[str, Any]:
+    """Image-to-image and inpainting pipelines built with `from_pipe`: they reuse the loaded
+    components (same tensors), so edits cost no second copy of the weights."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    modes: dict[str, Any] = {"text-to-image": pipe}
+    for mode, auto_class in (("image-to-image", AutoPipelineForImage2Image), ("inpainting", AutoPipelineForInpainting)):
+        try:
+            derived = auto_class.from_pipe(pipe)
+        except Exception as error:  # not every architecture has these pipelines
+            logger.info("this model has no %s pipeline (%s: %s)", mode, type(error).__name__, error)
+            continue
+        derived.set_progress_bar_config(disable=True)
+        modes[mode] = derived
+    return modes
 
 
 def native_size(pipe: Any) -> tuple[int, int]:
@@ -153,7 +177,18 @@ def _text_config(vocab_size: int, **extra: Any) -> Any:
     )
 
 
-def _tiny_vae() -> Any:
+def pixel_vae() -> Any:
+    """The trained small autoencoder (float32), or an untrained one if the asset is missing."""
+    from diffusers import AutoencoderKL
+
+    if (PIXEL_VAE_DIR / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(PIXEL_VAE_DIR, dtype=torch.float32)
+    logger.warning("%s is missing: the tiny pipeline gets an untrained autoencoder", PIXEL_VAE_DIR)
+    return tiny_vae()
+
+
+def tiny_vae() -> Any:
+    """An untrained autoencoder with the tiny pipelines' layout (4× fewer pixels per latent)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -193,7 +228,7 @@ def build_tiny_sd_pipeline(seed: int = 0) -> Any:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
     )
-    vae = _tiny_vae()
+    vae = pixel_vae()
     text_encoder = CLIPTextModel(_text_config(vocab_size))
     return StableDiffusionPipeline(
         unet=unet,
@@ -232,7 +267,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> Any:
         cross_attention_dim=64,  # the two 32-wide text encoders concatenated
         norm_num_groups=1,
     )
-    vae = _tiny_vae()
+    vae = pixel_vae()
     text_encoder = CLIPTextModel(_text_config(vocab_size, projection_dim=32))
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, projection_dim=32))
     return StableDiffusionXLPipeline(

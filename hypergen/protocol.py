@@ -33,7 +33,11 @@ ALLOWED: dict[str, str] = {
     "seed": "an integer from 0 to 2**63 - 1",
     "lora_path": "the name of a loaded LoRA adapter or a path inside HYPERGEN_LORA_DIRS",
     "lora_scale": "a number from 0.0 to 2.0",
+    "strength": "a number greater than 0.0 and at most 1.0",
+    "input_fidelity": "'high' or 'low'",
 }
+
+Mode = Literal["text-to-image", "image-to-image", "inpainting"]
 
 MAX_PROMPT_CHARS = 32000
 MAX_SEED = 2**63 - 1
@@ -43,16 +47,11 @@ OPENAI_RESPONSE_SIZES = ("1024x1024", "1024x1536", "1536x1024")
 _SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 
 
-class ImageGenerationRequest(BaseModel):
-    """OpenAI's CreateImageRequest plus diffusion extras.
-
-    Example: `{"prompt": "a red circle", "n": 2, "size": "64x64", "response_format": "b64_json",
-    "seed": 7, "num_inference_steps": 20}`. Unknown fields are ignored; `null` means "default".
-    """
+class ImageRequestOptions(BaseModel):
+    """Fields shared by generations, edits and variations: output, sampling and OpenAI extras."""
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
     model: str | None = Field(default=None, description="served model id; omitted = the default model")
     n: int | None = Field(default=1, ge=1, le=10, description="images to generate")
     size: str | None = Field(default=None, description="'WxH' or 'auto'; omitted = the model's native size")
@@ -62,19 +61,22 @@ class ImageGenerationRequest(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] | None = Field(default="png")
     output_compression: int | None = Field(default=100, ge=0, le=100)
     quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
-    style: Literal["vivid", "natural"] | None = None
     background: Literal["transparent", "opaque", "auto"] | None = None
     moderation: Literal["low", "auto"] | None = None
     stream: bool | None = False
     partial_images: int | None = Field(default=None, ge=0, le=3)
     user: str | None = None
 
-    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     num_inference_steps: int | None = Field(default=None, ge=1, le=150)
     guidance_scale: float | None = Field(default=None, ge=1.0, le=20.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     lora_path: str | None = Field(default=None, min_length=1)
     lora_scale: float | None = Field(default=None, ge=0.0, le=2.0)
+
+
+class PromptFields(BaseModel):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
 
     @field_validator("prompt")
     @classmethod
@@ -82,6 +84,33 @@ class ImageGenerationRequest(BaseModel):
         if not value.strip():
             raise ValueError("the prompt is blank")
         return value
+
+
+class ImageGenerationRequest(PromptFields, ImageRequestOptions):
+    """OpenAI's CreateImageRequest plus diffusion extras.
+
+    Example: `{"prompt": "a red circle", "n": 2, "size": "64x64", "response_format": "b64_json",
+    "seed": 7, "num_inference_steps": 20}`. Unknown fields are ignored; `null` means "default".
+    """
+
+    style: Literal["vivid", "natural"] | None = None
+
+
+class ImageEditRequest(PromptFields, ImageRequestOptions):
+    """OpenAI's CreateImageEditRequest form fields (the files come separately) plus extras.
+
+    `strength` (0 < s ≤ 1) is how far the result may move from the image; omitted = 0.75
+    without a mask, 1.0 with one.
+    """
+
+    strength: float | None = Field(default=None, gt=0.0, le=1.0)
+    input_fidelity: Literal["high", "low"] | None = None
+
+
+class ImageVariationRequest(ImageRequestOptions):
+    """OpenAI's CreateImageVariationRequest form fields plus extras (`strength` omitted = 0.6)."""
+
+    strength: float | None = Field(default=None, gt=0.0, le=1.0)
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -116,6 +145,7 @@ class ModelLimits(BaseModel):
     max_side: int = 2048
     default_steps: int = 50
     default_guidance_scale: float = 7.5
+    modes: list[str] = Field(default_factory=lambda: ["text-to-image"])
 
     def resolve_size(self, size: str | None) -> tuple[int, int]:
         """Validated (width, height) for a request's `size` (None or 'auto' = native)."""
@@ -145,6 +175,10 @@ class GenerationJob(BaseModel):
     seeds: list[int]
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int = 100
+    mode: Mode = "text-to-image"
+    image_b64: str | None = Field(default=None, description="init image (PNG) at width×height")
+    mask_b64: str | None = Field(default=None, description="mask (PNG, L, 255 = repaint) at width×height")
+    strength: float | None = None
     admitted_at: float = Field(description="time.time() when the API admitted the request")
 
     @property

@@ -13,15 +13,27 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .auth import ApiKeyAuth
 from .errors import OpenAIError, error_response, install_error_handlers
-from .protocol import ALLOWED, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList
+from .protocol import (
+    ALLOWED,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ImageVariationRequest,
+    ModelCard,
+    ModelList,
+)
 from .serving import ImageServing
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+MAX_FORM_FILES = 20
+MAX_FORM_FIELDS = 100
 
 
 def serving(request: Request) -> ImageServing:
@@ -103,6 +115,45 @@ async def _no_body() -> Message:
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
+async def read_multipart(request: Request) -> tuple[dict[str, str], dict[str, list[bytes]]]:
+    """Form fields and uploaded files (`image[]` is read as `image`) of a multipart request."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise OpenAIError(
+            400, "Send this request as multipart/form-data with the image as a file.", code="invalid_content_type"
+        )
+    try:
+        form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+    except Exception as error:  # malformed multipart, too many parts
+        raise OpenAIError(400, f"The multipart body could not be read: {error}.", code="invalid_multipart") from None
+    fields: dict[str, str] = {}
+    files: dict[str, list[bytes]] = {}
+    for key, value in form.multi_items():
+        name = key[:-2] if key.endswith("[]") else key
+        if isinstance(value, StarletteUploadFile):
+            files.setdefault(name, []).append(await value.read())
+        else:
+            fields[name] = value
+    return fields, files
+
+
+def required_files(files: dict[str, list[bytes]], field: str) -> list[bytes]:
+    if not files.get(field):
+        raise OpenAIError(400, f"Missing required parameter: '{field}' (a file).", param=field, code="missing_required_parameter")
+    return files[field]
+
+
+def multipart_body(model: type[BaseModel], files: dict[str, bool]) -> dict[str, Any]:
+    """OpenAPI `requestBody` for a multipart route: the model's fields plus binary file parts."""
+    schema = model.model_json_schema()
+    schema["properties"] = {
+        **{name: {"type": "string", "format": "binary"} for name in files},
+        **schema.get("properties", {}),
+    }
+    schema["required"] = [*(name for name, required in files.items() if required), *schema.get("required", [])]
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
 def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
     app = FastAPI(
         title="HyperGen",
@@ -121,6 +172,50 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         images: ImageServing = Depends(serving),
     ) -> ImagesResponse:
         result, timing = await images.generate(body, request.state.request_id, str(request.base_url))
+        response.headers["Server-Timing"] = timing
+        return result
+
+    @app.post(
+        "/v1/images/edits",
+        response_model=ImagesResponse,
+        response_model_exclude_none=True,
+        openapi_extra=multipart_body(ImageEditRequest, files={"image": True, "mask": False}),
+    )
+    async def edit_image(
+        request: Request,
+        response: Response,
+        _key: str | None = Depends(authorized),
+        images: ImageServing = Depends(serving),
+    ) -> ImagesResponse:
+        fields, files = await read_multipart(request)
+        body = ImageEditRequest.model_validate(fields)
+        masks = files.get("mask", [])
+        if len(masks) > 1:
+            raise OpenAIError(400, "Send at most one 'mask'.", param="mask", code="invalid_value")
+        result, timing = await images.edit(
+            body, required_files(files, "image"), masks[0] if masks else None, request.state.request_id, str(request.base_url)
+        )
+        response.headers["Server-Timing"] = timing
+        return result
+
+    @app.post(
+        "/v1/images/variations",
+        response_model=ImagesResponse,
+        response_model_exclude_none=True,
+        openapi_extra=multipart_body(ImageVariationRequest, files={"image": True}),
+    )
+    async def create_variation(
+        request: Request,
+        response: Response,
+        _key: str | None = Depends(authorized),
+        images: ImageServing = Depends(serving),
+    ) -> ImagesResponse:
+        fields, files = await read_multipart(request)
+        body = ImageVariationRequest.model_validate(fields)
+        uploads = required_files(files, "image")
+        if len(uploads) > 1:
+            raise OpenAIError(400, "Send exactly one 'image' for variations.", param="image", code="invalid_value")
+        result, timing = await images.vary(body, uploads[0], request.state.request_id, str(request.base_url))
         response.headers["Server-Timing"] = timing
         return result
 

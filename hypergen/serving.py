@@ -23,14 +23,19 @@ from .errors import (
     queue_full_error,
     timeout_error,
 )
+from .images import FittedUpload, default_size, fit_upload, open_upload, to_png_b64
 from .protocol import (
     MAX_SEED,
     OPENAI_RESPONSE_SIZES,
     GenerationJob,
     GenerationResult,
     ImageData,
+    ImageEditRequest,
     ImageGenerationRequest,
+    ImageRequestOptions,
     ImagesResponse,
+    ImageVariationRequest,
+    Mode,
     ModelCard,
     ModelLimits,
     ModelList,
@@ -49,6 +54,9 @@ STATUS_CALL_TIMEOUT_S = 3.0
 # 10th and 11th requests waited ~840 ms at 20 steps). One-step warm-up calls spend that before
 # /health reports ready.
 BATCHER_WARMUP_CALLS = 12
+# Variations have no prompt: an empty one lets the model vary the image freely (guidance then
+# has nothing to pull towards, so any guidance scale gives the same result).
+VARIATION_PROMPT = ""
 
 
 class WorkerClient(Protocol):
@@ -193,7 +201,39 @@ class ImageServing:
 
     async def generate(self, request: ImageGenerationRequest, request_id: str, base_url: str) -> tuple[ImagesResponse, str]:
         """The response and its `Server-Timing` header value (queue wait, generation, encoding)."""
-        started = time.perf_counter()
+        self._refuse_unsupported(request)
+        limits = self._resolve_model(request.model, await self.ready_models())
+        try:
+            width, height = limits.resolve_size(request.size)
+        except ValueError as error:
+            raise invalid_value("size", f"Invalid 'size': {error}.") from None
+        job = self._build_job(request, limits, request_id, request.prompt, request.negative_prompt, (width, height))
+        return await self._serve(job, request, base_url)
+
+    async def edit(
+        self, request: ImageEditRequest, images: list[bytes], mask: bytes | None, request_id: str, base_url: str
+    ) -> tuple[ImagesResponse, str]:
+        """Image-to-image (no mask) or inpainting (mask: transparent = edit) of one uploaded image."""
+        self._refuse_unsupported(request)
+        if len(images) != 1:
+            raise invalid_value("image", f"Send exactly one 'image' to edit; got {len(images)}.")
+        mode: Mode = "inpainting" if mask is not None else "image-to-image"
+        limits = self._resolve_model(request.model, await self.ready_models())
+        strength = request.strength or (1.0 if mask is not None else 0.75)
+        upload = await self._prepare_upload(images[0], mask, request.size, limits)
+        job = self._build_job(request, limits, request_id, request.prompt, request.negative_prompt, upload.image.size)
+        return await self._serve(self._with_upload(job, mode, strength, upload, limits), request, base_url)
+
+    async def vary(self, request: ImageVariationRequest, image: bytes, request_id: str, base_url: str) -> tuple[ImagesResponse, str]:
+        """Variations: image-to-image with an empty prompt at strength 0.6 (by default)."""
+        self._refuse_unsupported(request)
+        limits = self._resolve_model(request.model, await self.ready_models())
+        upload = await self._prepare_upload(image, None, request.size, limits)
+        job = self._build_job(request, limits, request_id, VARIATION_PROMPT, None, upload.image.size)
+        return await self._serve(self._with_upload(job, "image-to-image", request.strength or 0.6, upload, limits), request, base_url)
+
+    @staticmethod
+    def _refuse_unsupported(request: ImageRequestOptions) -> None:
         if request.stream:
             raise invalid_value("stream", "Streaming is not supported by this server yet; send 'stream': false.")
         if request.lora_path is not None:
@@ -201,8 +241,48 @@ class ImageServing:
                 "lora_path",
                 f"Unknown LoRA adapter '{request.lora_path}': no adapters are loaded on this server.",
             )
-        limits = self._resolve_model(request.model, await self.ready_models())
-        job = self._build_job(request, limits, request_id)
+
+    async def _prepare_upload(self, image: bytes, mask: bytes | None, size: str | None, limits: ModelLimits) -> FittedUpload:
+        """Decode, check and fit the upload off the event loop."""
+
+        def prepare() -> FittedUpload:
+            decoded = open_upload(image, "image", self.settings.max_upload_pixels)
+            decoded_mask = open_upload(mask, "mask", self.settings.max_upload_pixels) if mask is not None else None
+            if size is None or size.strip().lower() == "auto":
+                target = default_size(*decoded.size, max_side=limits.max_side, min_side=limits.min_side)
+            else:
+                try:
+                    target = limits.resolve_size(size)
+                except ValueError as error:
+                    raise invalid_value("size", f"Invalid 'size': {error}.") from None
+            return fit_upload(decoded, decoded_mask, target)
+
+        return await run_in_threadpool(prepare)
+
+    @staticmethod
+    def _with_upload(job: GenerationJob, mode: Mode, strength: float, upload: FittedUpload, limits: ModelLimits) -> GenerationJob:
+        if mode not in limits.modes:
+            param = "mask" if mode == "inpainting" else "image"
+            raise invalid_value(
+                param, f"Model '{limits.id}' cannot do {mode}; it supports: {', '.join(limits.modes)}."
+            )
+        if int(job.num_inference_steps * strength) < 1:
+            raise invalid_value(
+                "strength",
+                f"strength {strength} × num_inference_steps {job.num_inference_steps} leaves no denoising step; "
+                "raise either so that their product is at least 1.",
+            )
+        return job.model_copy(
+            update={
+                "mode": mode,
+                "strength": strength,
+                "image_b64": to_png_b64(upload.image),
+                "mask_b64": to_png_b64(upload.mask) if upload.mask is not None else None,
+            }
+        )
+
+    async def _serve(self, job: GenerationJob, request: ImageRequestOptions, base_url: str) -> tuple[ImagesResponse, str]:
+        started = time.perf_counter()
         result: GenerationResult | None = None
         status = 500
         try:
@@ -229,11 +309,15 @@ class ImageServing:
                 return limits
         raise model_not_found(requested, [limits.id for limits in models])
 
-    def _build_job(self, request: ImageGenerationRequest, limits: ModelLimits, request_id: str) -> GenerationJob:
-        try:
-            width, height = limits.resolve_size(request.size)
-        except ValueError as error:
-            raise invalid_value("size", f"Invalid 'size': {error}.") from None
+    def _build_job(
+        self,
+        request: ImageRequestOptions,
+        limits: ModelLimits,
+        request_id: str,
+        prompt: str,
+        negative_prompt: str | None,
+        size: tuple[int, int],
+    ) -> GenerationJob:
         n = request.n or 1
         # With a seed, image i uses seed + i, so a request is reproducible; without, each image is new.
         if request.seed is not None:
@@ -243,10 +327,10 @@ class ImageServing:
         return GenerationJob(
             request_id=request_id,
             model=limits.id,
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            width=width,
-            height=height,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=size[0],
+            height=size[1],
             num_inference_steps=request.num_inference_steps or limits.default_steps,
             guidance_scale=request.guidance_scale if request.guidance_scale is not None else limits.default_guidance_scale,
             seeds=seeds,

@@ -23,6 +23,15 @@ from .protocol import GenerationJob, GenerationResult, ModelLimits, WorkerStatus
 logger = logging.getLogger("hypergen.worker")
 
 
+def keep_unmasked(generated: Any, original: Any, mask: Any) -> Any:
+    """OpenAI's edit contract: pixels outside the mask come back as they were sent, not as the
+    autoencoder's round trip of them. The mask is binarized at 50 % as diffusers does."""
+    from PIL import Image
+
+    binary = mask.convert("L").point(lambda value: 255 if value >= 128 else 0)
+    return Image.composite(generated.convert("RGB"), original.convert("RGB"), binary)
+
+
 class DiffusionEngine:
     """Loads the configured model in the background and runs batches of jobs on it."""
 
@@ -96,6 +105,7 @@ class DiffusionEngine:
             max_side=max(1024, 2 * native_side),
             default_steps=loaded.default_steps,
             default_guidance_scale=loaded.default_guidance_scale,
+            modes=list(loaded.modes),
         )
         return WorkerStatus(ready=True, device=loaded.device, dtype=str(loaded.dtype).replace("torch.", ""), models=[limits])
 
@@ -136,41 +146,72 @@ class DiffusionEngine:
                 logger.error("request %s failed alone too: %s\n%s", jobs[job_index].request_id, error, traceback.format_exc())
                 results[job_index].error = f"{type(error).__name__}: {error}"
 
+    @staticmethod
+    def _mode_arguments(jobs: list[GenerationJob], call: PipelineCall) -> dict[str, Any]:
+        """Size for text-to-image; init images (and masks, strength) for edits, one per image."""
+        from .images import from_png_b64
+
+        first = jobs[call.images[0][0]]
+        if first.mode == "text-to-image":
+            return {"width": first.width, "height": first.height}
+        decoded: dict[int, tuple[Any, Any]] = {}
+        for job_index in call.job_indices:
+            job = jobs[job_index]
+            mask = from_png_b64(job.mask_b64).convert("L") if job.mask_b64 else None
+            decoded[job_index] = (from_png_b64(job.image_b64 or "").convert("RGB"), mask)
+        arguments: dict[str, Any] = {
+            "image": [decoded[job][0] for job, _ in call.images],
+            "strength": first.strength,
+        }
+        if first.mode == "inpainting":
+            arguments["mask_image"] = [decoded[job][1] for job, _ in call.images]
+            arguments["width"], arguments["height"] = first.width, first.height
+        return arguments
+
     def _run_call(self, jobs: list[GenerationJob], call: PipelineCall, results: list[GenerationResult]) -> None:
         import torch
 
         first = jobs[call.images[0][0]]
+        pipe = self._loaded.modes.get(first.mode)
+        if pipe is None:
+            raise ValueError(f"model '{first.model}' cannot do {first.mode}")
         prompts = [jobs[job].prompt for job, _ in call.images]
         negatives = None if first.negative_prompt is None else [jobs[job].negative_prompt for job, _ in call.images]
         # CPU generators: the same seed gives the same image on any device.
         generators = [torch.Generator("cpu").manual_seed(jobs[job].seeds[image]) for job, image in call.images]
+        arguments: dict[str, Any] = {
+            "prompt": prompts,
+            "negative_prompt": negatives,
+            "num_inference_steps": first.num_inference_steps,
+            "guidance_scale": first.guidance_scale,
+            "generator": generators,
+            "output_type": "pil",
+        }
+        arguments.update(self._mode_arguments(jobs, call))
         started_at = time.time()
         started = time.perf_counter()
-        output = self._loaded.pipe(
-            prompt=prompts,
-            negative_prompt=negatives,
-            width=first.width,
-            height=first.height,
-            num_inference_steps=first.num_inference_steps,
-            guidance_scale=first.guidance_scale,
-            generator=generators,
-            output_type="pil",
-        )
+        output = pipe(**arguments)
         generation_s = time.perf_counter() - started
         encode_started = time.perf_counter()
+        images = output.images
+        if first.mode == "inpainting":
+            images = [
+                keep_unmasked(image, original, mask)
+                for image, original, mask in zip(images, arguments["image"], arguments["mask_image"])
+            ]
         encoded: dict[tuple[int, int], str] = {
             position: encode_image_b64(image, jobs[position[0]].output_format, jobs[position[0]].output_compression)
-            for position, image in zip(call.images, output.images)
+            for position, image in zip(call.images, images)
         }
         encode_s = time.perf_counter() - encode_started
         for job_index in call.job_indices:
             job, result = jobs[job_index], results[job_index]
             if not result.images_b64:
                 result.queue_wait_s = max(0.0, started_at - job.admitted_at)
-            images = [encoded[(job_index, image)] for image in range(job.n) if (job_index, image) in encoded]
-            result.images_b64.extend(images)
+            job_images = [encoded[(job_index, image)] for image in range(job.n) if (job_index, image) in encoded]
+            result.images_b64.extend(job_images)
             result.generation_s += generation_s
-            result.encode_s += encode_s * len(images) / len(call.images)
+            result.encode_s += encode_s * len(job_images) / len(call.images)
             result.batch_images = max(result.batch_images, len(call.images))
         logger.info(
             "pipeline call: %d images for %d requests, %dx%d, %d steps, %.3fs generation, %.3fs encoding",

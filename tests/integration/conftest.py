@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import contextmanager
 from typing import Sequence
 
 import httpx
@@ -71,6 +72,27 @@ def http(app) -> httpx.AsyncClient:
 
 def openai_client(app, api_key: str = "anything") -> AsyncOpenAI:
     return AsyncOpenAI(base_url="http://testserver/v1", api_key=api_key, http_client=http(app), max_retries=0)
+
+
+@contextmanager
+def failing_pipeline(engine, marker: str, error: Exception):
+    """While active, text-to-image calls whose prompts contain `marker` raise `error`."""
+    original = engine._loaded.modes["text-to-image"]
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(original, name)
+
+        def __call__(self, *args, **kwargs):
+            if any(marker in prompt for prompt in kwargs["prompt"]):
+                raise error
+            return original(*args, **kwargs)
+
+    engine._loaded.modes["text-to-image"] = Failing()
+    try:
+        yield
+    finally:
+        engine._loaded.modes["text-to-image"] = original
 
 
 def run(coroutine):

@@ -9,6 +9,8 @@ from PIL import Image
 
 from hypergen.protocol import GenerationJob
 
+from .conftest import failing_pipeline
+
 
 def job(request_id, prompt="a shape", seeds=(1,), size=(64, 64), negative=None, steps=3):
     return GenerationJob(
@@ -39,22 +41,8 @@ def test_a_batch_gives_each_image_what_its_request_gets_alone(engine):
 
 
 def test_one_failing_request_does_not_fail_the_others_in_its_call(engine):
-    original = engine._loaded.pipe
-
-    class FailsOnPoison:
-        def __getattr__(self, name):
-            return getattr(original, name)
-
-        def __call__(self, *args, **kwargs):
-            if "poison" in kwargs["prompt"]:
-                raise ValueError("this prompt breaks the pipeline")
-            return original(*args, **kwargs)
-
-    engine._loaded.pipe = FailsOnPoison()
-    try:
+    with failing_pipeline(engine, "poison", ValueError("this prompt breaks the pipeline")):
         results = engine.run_batch([job("ok-1", seeds=(1,)), job("bad", "poison"), job("ok-2", seeds=(2, 3))])
-    finally:
-        engine._loaded.pipe = original
     assert [result.error is None for result in results] == [True, False, True]
     assert "this prompt breaks the pipeline" in results[1].error
     assert [len(result.images_b64) for result in results] == [1, 0, 2]

@@ -9,7 +9,7 @@ from PIL import Image
 
 from hypergen.protocol import GenerationResult, ModelLimits, WorkerStatus
 
-from .conftest import EngineClient, http, openai_client, run
+from .conftest import EngineClient, failing_pipeline, http, openai_client, run
 
 TINY = ModelLimits(id="tiny", native_width=64, native_height=64, default_steps=4)
 
@@ -201,30 +201,17 @@ def test_health_is_503_until_the_worker_is_ready(make_app):
 
 
 def test_a_failing_generation_is_500_for_that_request_only(make_app, engine, caplog):
-    original = engine._loaded.pipe
-
-    class Exploding:
-        def __getattr__(self, name):
-            return getattr(original, name)
-
-        def __call__(self, *args, **kwargs):
-            if any("explode" in prompt for prompt in kwargs["prompt"]):
-                raise RuntimeError("CUDA out of memory (simulated)")
-            return original(*args, **kwargs)
-
     app = make_app(EngineClient(engine))
-    engine._loaded.pipe = Exploding()
-    try:
-        async def scenario():
-            async with http(app) as client:
-                bad = client.post("/v1/images/generations", json={"prompt": "explode", "num_inference_steps": 2})
-                good = client.post("/v1/images/generations", json={"prompt": "fine", "num_inference_steps": 2})
-                return await asyncio.gather(bad, good)
 
+    async def scenario():
+        async with http(app) as client:
+            bad = client.post("/v1/images/generations", json={"prompt": "explode", "num_inference_steps": 2})
+            good = client.post("/v1/images/generations", json={"prompt": "fine", "num_inference_steps": 2})
+            return await asyncio.gather(bad, good)
+
+    with failing_pipeline(engine, "explode", RuntimeError("CUDA out of memory (simulated)")):
         with caplog.at_level(logging.INFO, logger="hypergen"):
             bad, good = run(scenario())
-    finally:
-        engine._loaded.pipe = original
     assert bad.status_code == 500
     error = bad.json()["error"]
     assert error["code"] == "generation_failed" and "CUDA" not in error["message"] and "Traceback" not in error["message"]

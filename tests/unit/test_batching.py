@@ -35,6 +35,15 @@ def test_jobs_differing_in_call_wide_parameters_are_separated():
     assert len({call_key(j) for j in jobs}) == 5
 
 
+def test_edits_group_by_mode_and_strength_not_by_image():
+    edit = lambda rid, strength, mode="image-to-image": job(rid).model_copy(  # noqa: E731
+        update={"mode": mode, "strength": strength, "image_b64": rid}
+    )
+    jobs = [edit("a", 0.5), edit("b", 0.5), edit("c", 0.7), edit("d", 0.5, "inpainting"), job("e")]
+    calls = group_compatible_jobs(jobs, max_images_per_call=8)
+    assert [ids(jobs, call) for call in calls] == [["a", "b"], ["c"], ["d"], ["e"]]
+
+
 def test_different_negative_prompts_can_share_a_call_but_not_with_none():
     jobs = [job("a", negative="blur"), job("b", negative="dark"), job("c")]
     calls = group_compatible_jobs(jobs, max_images_per_call=8)
