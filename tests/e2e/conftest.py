@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from openai import OpenAI
+
 from hypergen.testing import BentoServer
+
+URL_TTL_S = 6
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +33,16 @@ def start_server(tmp_path_factory, hypergen_home, bentoml_home):
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def default_server(start_server):
+    """The embedded default model, as `bentoml serve` starts it with no configuration."""
+    server = start_server({"HYPERGEN_URL_TTL": str(URL_TTL_S)})
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="session")
+def client(default_server) -> OpenAI:
+    return OpenAI(base_url=f"{default_server.base_url}/v1", api_key="anything", max_retries=0)

@@ -14,23 +14,9 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
+from .conftest import URL_TTL_S
+
 pytestmark = pytest.mark.e2e
-
-URL_TTL_S = 6
-
-
-@pytest.fixture(scope="module")
-def default_server(start_server):
-    """The embedded default model, as `bentoml serve` starts it with no configuration."""
-    server = start_server({"HYPERGEN_URL_TTL": str(URL_TTL_S)})
-    server.wait_ready()
-    return server
-
-
-@pytest.fixture(scope="module")
-def client(default_server) -> OpenAI:
-    return OpenAI(base_url=f"{default_server.base_url}/v1", api_key="anything", max_retries=0)
-
 
 def decode(b64: str) -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(b64)))
