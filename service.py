@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import bentoml
 
-from hypergen.bento import model_reference, worker_batching
+from hypergen.bento import lora_references, model_reference, worker_batching
 from hypergen.config import load_settings
 from hypergen.logs import configure_logging
-from hypergen.protocol import GenerationJob, GenerationResult, WorkerStatus
+from hypergen.protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerStatus
 from hypergen.routes import create_app
 from hypergen.serving import BentoWorkerClient, ImageServing
 
@@ -40,6 +40,14 @@ class DiffusionWorker:
     @bentoml.api
     async def status(self) -> WorkerStatus:
         return self.engine.status()
+
+    @bentoml.api
+    async def manage_loras(self, command: LoraCommand) -> LoraReply:
+        return await self.engine.manage_loras(command)
+
+
+# Start-up adapters stored as BentoML models (`hypergen build --lora ...`) travel with the Bento.
+DiffusionWorker.models.extend(lora_references(settings))
 
 
 @bentoml.service(name="hypergen", traffic=TRAFFIC, workers=1)

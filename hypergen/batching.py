@@ -2,7 +2,7 @@
 
 Jobs can share one `pipe(...)` call when everything that applies to the whole call is equal:
 model, mode (text-to-image, image-to-image, inpainting), size, steps, guidance scale, strength
-and whether a negative prompt is given (SDXL encodes a missing negative prompt as zeros, not as
+the LoRA adapter and its scale, and whether a negative prompt is given (SDXL encodes a missing negative prompt as zeros, not as
 ""). Prompts, negative prompts, seeds, init images, masks and `n` may differ: each image gets
 its own generator, so it is the image the job would get alone.
 """
@@ -26,6 +26,8 @@ def call_key(job: GenerationJob) -> Hashable:
         job.num_inference_steps,
         job.guidance_scale,
         job.negative_prompt is None,
+        job.lora_path,
+        job.lora_scale,
     )
 
 

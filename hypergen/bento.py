@@ -26,6 +26,13 @@ def model_reference(settings: Settings) -> Any:
     return None
 
 
+def lora_references(settings: Settings) -> list[Any]:
+    """BentoModel references for start-up adapters given as BentoML model tags."""
+    import bentoml
+
+    return [bentoml.models.BentoModel(spec.source) for spec in settings.lora_specs if is_bentoml_tag(spec.source)]
+
+
 def worker_batching(settings: Settings) -> dict[str, int]:
     """`@bentoml.api(batchable=True, ...)` arguments.
 

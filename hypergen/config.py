@@ -8,10 +8,11 @@ everywhere.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "hypergen-tiny-sd"
@@ -43,6 +44,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     max_upload_pixels: int = Field(default=4096 * 4096, gt=0, description="pixels per uploaded image")
     device: str | None = Field(default=None, description="torch device; unset = cuda if available, else cpu")
+    loras: str | None = Field(default=None, description="adapters loaded at start: name=path_or_id[:scale],...")
+    lora_dirs: str | None = Field(default=None, description="directories lora_path may load from (comma-separated)")
+    max_loras: int = Field(default=8, ge=1, description="adapters kept loaded (LRU; start-up ones pinned)")
+
+    @field_validator("loras")
+    @classmethod
+    def _loras_parse(cls, value: str | None) -> str | None:
+        parse_lora_specs(value or "")
+        return value
 
     @field_validator("api_keys")
     @classmethod
@@ -52,6 +62,14 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in (self.api_keys or "").split(",") if key.strip()]
+
+    @property
+    def lora_specs(self) -> list["LoraSpec"]:
+        return parse_lora_specs(self.loras or "")
+
+    @property
+    def lora_dir_list(self) -> list[Path]:
+        return [Path(part.strip()) for part in (self.lora_dirs or "").split(",") if part.strip()]
 
     @property
     def served_model_name(self) -> str:
@@ -66,6 +84,47 @@ class Settings(BaseSettings):
         if os.path.isdir(source):
             return Path(source).name
         return source  # a Hub id such as "stabilityai/sdxl-turbo"
+
+
+class LoraSpec(BaseModel):
+    """An adapter named at start-up: `name=source[:scale]`."""
+
+    name: str
+    source: str
+    scale: float = 1.0
+
+
+_LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def parse_lora_specs(text: str) -> list[LoraSpec]:
+    """`"style=/loras/style:0.8,ink=org/ink-lora"` → specs; raises ValueError naming the bad item.
+
+    A trailing `:number` is the default scale; other colons belong to the source (BentoML tags).
+    """
+    specs: list[LoraSpec] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, separator, source = item.partition("=")
+        if not separator or not source:
+            raise ValueError(f"LoRA '{item}' is not NAME=PATH_OR_ID[:SCALE]")
+        if not _LORA_NAME.match(name):
+            raise ValueError(f"LoRA name '{name}' may only use letters, digits, '_', '.', '-'")
+        scale = 1.0
+        head, colon, tail = source.rpartition(":")
+        if colon and head:
+            try:
+                scale = float(tail)
+                source = head
+            except ValueError:
+                pass
+        if not 0.0 <= scale <= 2.0:
+            raise ValueError(f"LoRA '{name}' scale {scale} is outside 0.0–2.0")
+        if any(spec.name == name for spec in specs):
+            raise ValueError(f"LoRA name '{name}' is given twice")
+        specs.append(LoraSpec(name=name, source=source, scale=scale))
+    return specs
 
 
 def is_bentoml_tag(source: str) -> bool:

@@ -7,7 +7,7 @@ models and the error mapper quotes `ALLOWED` when a value is out of range.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -35,6 +35,9 @@ ALLOWED: dict[str, str] = {
     "lora_scale": "a number from 0.0 to 2.0",
     "strength": "a number greater than 0.0 and at most 1.0",
     "input_fidelity": "'high' or 'low'",
+    "name": "letters, digits, '_', '.', '-' (at most 64 characters)",
+    "path": "a path inside HYPERGEN_LORA_DIRS, a BentoML model tag or a Hub id",
+    "scale": "a number from 0.0 to 2.0",
 }
 
 Mode = Literal["text-to-image", "image-to-image", "inpainting"]
@@ -179,6 +182,8 @@ class GenerationJob(BaseModel):
     image_b64: str | None = Field(default=None, description="init image (PNG) at width×height")
     mask_b64: str | None = Field(default=None, description="mask (PNG, L, 255 = repaint) at width×height")
     strength: float | None = None
+    lora_path: str | None = Field(default=None, description="adapter name, or a path inside HYPERGEN_LORA_DIRS")
+    lora_scale: float | None = Field(default=None, description="None = the adapter's default scale")
     admitted_at: float = Field(description="time.time() when the API admitted the request")
 
     @property
@@ -192,6 +197,8 @@ class GenerationResult(BaseModel):
     request_id: str
     images_b64: list[str] = Field(default_factory=list)
     error: str | None = None
+    error_status: int = Field(default=500, description="400 when the request itself was at fault")
+    error_param: str | None = None
     queue_wait_s: float = 0.0
     generation_s: float = 0.0
     encode_s: float = 0.0
@@ -206,6 +213,33 @@ class WorkerStatus(BaseModel):
     device: str | None = None
     dtype: str | None = None
     models: list[ModelLimits] = Field(default_factory=list)
+
+
+class LoraCommand(BaseModel):
+    """An adapter operation for the worker: list, load or unload."""
+
+    action: Literal["list", "load", "unload"]
+    name: str | None = None
+    path: str | None = None
+    scale: float = 1.0
+
+
+class LoraReply(BaseModel):
+    ok: bool = True
+    status: int = 200
+    message: str = ""
+    adapters: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class LoraLoadRequest(BaseModel):
+    """`POST /v1/loras` body: load the adapter at `path` (inside HYPERGEN_LORA_DIRS, a BentoML model
+    tag or a Hub id) under `name`, with a default `scale`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    path: str = Field(min_length=1, max_length=4096)
+    scale: float = Field(default=1.0, ge=0.0, le=2.0)
 
 
 class ImageData(BaseModel):

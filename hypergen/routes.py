@@ -26,6 +26,8 @@ from .protocol import (
     ImageGenerationRequest,
     ImagesResponse,
     ImageVariationRequest,
+    LoraCommand,
+    LoraLoadRequest,
     ModelCard,
     ModelList,
 )
@@ -218,6 +220,23 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         result, timing = await images.vary(body, uploads[0], request.state.request_id, str(request.base_url))
         response.headers["Server-Timing"] = timing
         return result
+
+    @app.get("/v1/loras")
+    async def list_loras(_key: str | None = Depends(authorized), images: ImageServing = Depends(serving)) -> dict[str, Any]:
+        reply = await images.manage_loras(LoraCommand(action="list"))
+        return {"object": "list", "data": reply.adapters}
+
+    @app.post("/v1/loras")
+    async def load_lora(
+        body: LoraLoadRequest, _key: str | None = Depends(authorized), images: ImageServing = Depends(serving)
+    ) -> dict[str, Any]:
+        reply = await images.manage_loras(LoraCommand(action="load", name=body.name, path=body.path, scale=body.scale))
+        return next(adapter for adapter in reply.adapters if adapter["name"] == body.name)
+
+    @app.delete("/v1/loras/{name}")
+    async def unload_lora(name: str, _key: str | None = Depends(authorized), images: ImageServing = Depends(serving)) -> dict[str, Any]:
+        await images.manage_loras(LoraCommand(action="unload", name=name))
+        return {"name": name, "object": "lora", "deleted": True}
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(_key: str | None = Depends(authorized), images: ImageServing = Depends(serving)) -> ModelList:

@@ -35,6 +35,8 @@ from .protocol import (
     ImageRequestOptions,
     ImagesResponse,
     ImageVariationRequest,
+    LoraCommand,
+    LoraReply,
     Mode,
     ModelCard,
     ModelLimits,
@@ -94,6 +96,9 @@ class BentoWorkerClient:
 
     async def status(self) -> WorkerStatus:
         return WorkerStatus.model_validate(await self._worker.to_async.status())
+
+    async def manage_loras(self, command: LoraCommand) -> LoraReply:
+        return LoraReply.model_validate(await self._worker.to_async.manage_loras(command))
 
 
 def server_timing(result: GenerationResult) -> str:
@@ -197,6 +202,18 @@ class ImageServing:
             raise model_not_found(model_id, [self.settings.served_model_name])
         return ModelCard(id=model_id, created=self.started)
 
+    # --- LoRA adapters ---------------------------------------------------------------------------
+
+    async def manage_loras(self, command: LoraCommand) -> LoraReply:
+        """Forward an adapter operation to the worker; failures become OpenAI errors."""
+        await self.ready_models()
+        reply = await self.worker.manage_loras(command)
+        if not reply.ok:
+            code = {404: "not_found", 409: "conflict"}.get(reply.status, "invalid_value")
+            param = {"load": "path", "unload": "name"}.get(command.action) if reply.status == 400 else None
+            raise OpenAIError(reply.status, reply.message, param=param, code=code)
+        return reply
+
     # --- generation ------------------------------------------------------------------------------
 
     async def generate(self, request: ImageGenerationRequest, request_id: str, base_url: str) -> tuple[ImagesResponse, str]:
@@ -236,11 +253,6 @@ class ImageServing:
     def _refuse_unsupported(request: ImageRequestOptions) -> None:
         if request.stream:
             raise invalid_value("stream", "Streaming is not supported by this server yet; send 'stream': false.")
-        if request.lora_path is not None:
-            raise invalid_value(
-                "lora_path",
-                f"Unknown LoRA adapter '{request.lora_path}': no adapters are loaded on this server.",
-            )
 
     async def _prepare_upload(self, image: bytes, mask: bytes | None, size: str | None, limits: ModelLimits) -> FittedUpload:
         """Decode, check and fit the upload off the event loop."""
@@ -336,6 +348,8 @@ class ImageServing:
             seeds=seeds,
             output_format=request.output_format or "png",
             output_compression=100 if request.output_compression is None else request.output_compression,
+            lora_path=request.lora_path,
+            lora_scale=request.lora_scale,
             admitted_at=time.time(),
         )
 
@@ -351,6 +365,8 @@ class ImageServing:
             logger.exception("request %s: calling the diffusion worker failed", job.request_id)
             raise generation_failed(job.request_id) from None
         result = results[0]
+        if result.error and result.error_status == 400:
+            raise invalid_value(result.error_param or "lora_path", result.error)
         if result.error or len(result.images_b64) != job.n:
             logger.error("request %s: generation failed: %s", job.request_id, result.error or "images missing")
             raise generation_failed(job.request_id)

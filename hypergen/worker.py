@@ -18,7 +18,8 @@ from typing import Any, Sequence
 from .batching import PipelineCall, group_compatible_jobs
 from .config import Settings, is_bentoml_tag
 from .encoding import encode_image_b64
-from .protocol import GenerationJob, GenerationResult, ModelLimits, WorkerStatus
+from .loras import LoadedAdapter, LoraError, LoraManager, resolve_allowed_path
+from .protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, ModelLimits, WorkerStatus
 
 logger = logging.getLogger("hypergen.worker")
 
@@ -32,6 +33,15 @@ def keep_unmasked(generated: Any, original: Any, mask: Any) -> Any:
     return Image.composite(generated.convert("RGB"), original.convert("RGB"), binary)
 
 
+def _looks_like_hub_id(source: str, allowed_dirs: list[Any]) -> bool:
+    """`org/name` that is not a path under an allowed directory: left to diffusers' Hub loader."""
+    import re
+
+    if os.path.isabs(source) or source.startswith(".") or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return False
+    return not any(os.path.exists(os.path.join(directory, source)) for directory in allowed_dirs)
+
+
 class DiffusionEngine:
     """Loads the configured model in the background and runs batches of jobs on it."""
 
@@ -40,6 +50,7 @@ class DiffusionEngine:
         self._model_path = model_path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypergen-pipeline")
         self._loaded: Any = None  # pipelines.LoadedPipeline once ready
+        self.loras: LoraManager | None = None
         self._load_error: str | None = None
         self._loading: Future[None] = self._executor.submit(self._load)
 
@@ -77,6 +88,14 @@ class DiffusionEngine:
             logger.exception("loading the model failed")
             return
         loaded = self._loaded
+        self.loras = LoraManager(loaded.modes["text-to-image"], self.settings.lora_dir_list, self.settings.max_loras)
+        for spec in self.settings.lora_specs:
+            try:
+                self.loras.load(spec.name, spec.source, spec.scale, pinned=True)
+            except LoraError as error:
+                self._load_error = f"start-up LoRA '{spec.name}' failed to load: {error.message}"
+                logger.error("%s", self._load_error)
+                return
         logger.info(
             "model '%s' loaded from %s on %s (%s) in %.2fs; native size %dx%d, default %d steps%s",
             loaded.name,
@@ -94,7 +113,7 @@ class DiffusionEngine:
         if self._load_error:
             return WorkerStatus(ready=False, detail=f"model failed to load: {self._load_error}")
         loaded = self._loaded
-        if loaded is None:
+        if loaded is None or self.loras is None:
             return WorkerStatus(ready=False, detail="loading the model")
         native_side = max(loaded.native_width, loaded.native_height)
         limits = ModelLimits(
@@ -117,19 +136,62 @@ class DiffusionEngine:
 
     def run_batch(self, jobs: list[GenerationJob]) -> list[GenerationResult]:
         results = [GenerationResult(request_id=job.request_id) for job in jobs]
-        if self._loaded is None:
+        if self._loaded is None or self.loras is None:
             for result in results:
                 result.error = self._load_error or "the model is not loaded"
             return results
-        for call in group_compatible_jobs(jobs, self.settings.max_batch_size):
-            self._run_call_isolating_failures(jobs, call, results)
+        adapters = self._resolve_adapters(jobs, results)
+        runnable = [index for index, result in enumerate(results) if result.error is None]
+        for call in group_compatible_jobs([jobs[index] for index in runnable], self.settings.max_batch_size):
+            call.images = [(runnable[job], image) for job, image in call.images]
+            self._run_call_isolating_failures(jobs, call, results, adapters)
         return results
 
-    def _run_call_isolating_failures(self, jobs: list[GenerationJob], call: PipelineCall, results: list[GenerationResult]) -> None:
+    def _resolve_adapters(self, jobs: list[GenerationJob], results: list[GenerationResult]) -> dict[int, LoadedAdapter]:
+        """Each job's adapter, loading allowed paths on first use; a job whose adapter cannot be
+        had gets a 400 naming `lora_path` and does not run."""
+        assert self.loras is not None
+        adapters: dict[int, LoadedAdapter] = {}
+        in_use: set[str] = set()
+        for index, job in enumerate(jobs):
+            if job.lora_path is None:
+                continue
+            try:
+                adapters[index] = self.loras.resolve(job.lora_path, protect=in_use)
+                in_use.add(adapters[index].name)
+            except LoraError as error:
+                results[index].error = error.message
+                results[index].error_status, results[index].error_param = 400, "lora_path"
+        return adapters
+
+    # --- adapters (admin) ----------------------------------------------------------------------
+
+    async def manage_loras(self, command: LoraCommand) -> LoraReply:
+        """List, load or unload adapters, on the pipeline thread (never during a pipeline call)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._manage_loras, command)
+
+    def _manage_loras(self, command: LoraCommand) -> LoraReply:
+        if self.loras is None:
+            return LoraReply(ok=False, status=503, message="The model is not loaded yet.")
+        try:
+            if command.action == "load":
+                source = command.path or ""
+                if not is_bentoml_tag(source) and not _looks_like_hub_id(source, self.settings.lora_dir_list):
+                    source = str(resolve_allowed_path(source, self.settings.lora_dir_list))
+                self.loras.load(command.name or "", source, command.scale)
+            elif command.action == "unload":
+                self.loras.unload(command.name or "")
+        except LoraError as error:
+            return LoraReply(ok=False, status=error.status, message=error.message, adapters=self.loras.list())
+        return LoraReply(adapters=self.loras.list())
+
+    def _run_call_isolating_failures(
+        self, jobs: list[GenerationJob], call: PipelineCall, results: list[GenerationResult], adapters: dict[int, LoadedAdapter]
+    ) -> None:
         """Run one call; if it fails and served several jobs, retry each job alone so that one
         bad request cannot fail the others."""
         try:
-            self._run_call(jobs, call, results)
+            self._run_call(jobs, call, results, adapters)
             return
         except Exception as error:
             failed_jobs = call.job_indices
@@ -141,7 +203,7 @@ class DiffusionEngine:
         for job_index in failed_jobs:
             alone = PipelineCall(call.key, [image for image in call.images if image[0] == job_index])
             try:
-                self._run_call(jobs, alone, results)
+                self._run_call(jobs, alone, results, adapters)
             except Exception as error:
                 logger.error("request %s failed alone too: %s\n%s", jobs[job_index].request_id, error, traceback.format_exc())
                 results[job_index].error = f"{type(error).__name__}: {error}"
@@ -168,10 +230,15 @@ class DiffusionEngine:
             arguments["width"], arguments["height"] = first.width, first.height
         return arguments
 
-    def _run_call(self, jobs: list[GenerationJob], call: PipelineCall, results: list[GenerationResult]) -> None:
+    def _run_call(
+        self, jobs: list[GenerationJob], call: PipelineCall, results: list[GenerationResult], adapters: dict[int, LoadedAdapter]
+    ) -> None:
         import torch
 
-        first = jobs[call.images[0][0]]
+        assert self.loras is not None
+        first_index = call.images[0][0]
+        first = jobs[first_index]
+        self.loras.activate(adapters.get(first_index), first.lora_scale)
         pipe = self._loaded.modes.get(first.mode)
         if pipe is None:
             raise ValueError(f"model '{first.model}' cannot do {first.mode}")

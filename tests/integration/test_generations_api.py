@@ -46,7 +46,6 @@ class ScriptedWorker:
         ({"prompt": ["a", "b"]}, "prompt", "non-empty string"),
         ({"prompt": "a", "n": "two"}, "n", "1 to 10"),
         ({"prompt": "a", "stream": True}, "stream", "not supported"),
-        ({"prompt": "a", "lora_path": "style"}, "lora_path", "no adapters are loaded"),
     ],
 )
 def test_bad_parameters_are_400_naming_the_field(make_app, body, param, fragment):

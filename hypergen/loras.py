@@ -1,0 +1,197 @@
+"""LoRA adapters: the only code that loads, activates and unloads them (in the worker process).
+
+- Adapters are loaded into the shared text-to-image pipeline with diffusers'
+  `load_lora_weights(..., adapter_name=...)`; the image-to-image and inpainting pipelines share
+  its modules, so an adapter applies to every mode.
+- Every operation runs on the worker's single pipeline thread, between pipeline calls: a call
+  never sees a half-loaded adapter, and `activate` sets exactly one call's adapter (or none).
+- Paths sent by clients must resolve (symlinks followed) inside `HYPERGEN_LORA_DIRS`.
+- At most `max_loaded` adapters stay loaded; loading one more evicts the least recently used
+  adapter that was loaded on demand. Start-up adapters are pinned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from .config import is_bentoml_tag
+
+logger = logging.getLogger("hypergen.loras")
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+class LoraError(Exception):
+    """A client-visible adapter problem (400 naming `lora_path`, or 404 for an unknown name)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    adapter_name: str  # the key inside the pipeline's modules
+    source: str
+    scale: float
+    pinned: bool
+    loaded_at: float
+    size_bytes: int
+    load_seconds: float
+    last_used: float
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "scale": self.scale,
+            "pinned": self.pinned,
+            "loaded_at": int(self.loaded_at),
+            "size_bytes": self.size_bytes,
+            "load_ms": round(self.load_seconds * 1000, 1),
+        }
+
+
+def resolve_allowed_path(requested: str, allowed_dirs: Iterable[Path]) -> Path:
+    """The real path of an adapter inside an allowed directory, or LoraError.
+
+    Relative paths are looked up in each allowed directory in turn. `..` segments and symlinks
+    are resolved first, so neither can lead out of the allowed directories.
+    """
+    roots = [Path(os.path.realpath(directory)) for directory in allowed_dirs]
+    if not roots:
+        raise LoraError("Loading adapters by path is disabled on this server (HYPERGEN_LORA_DIRS is not set).")
+    candidates = [Path(requested)] if os.path.isabs(requested) else [root / requested for root in roots]
+    outside = True
+    for candidate in candidates:
+        real = Path(os.path.realpath(candidate))
+        if not any(real == root or root in real.parents for root in roots):
+            continue
+        outside = False
+        if real.is_file() and real.suffix in WEIGHT_SUFFIXES:
+            return real
+        if real.is_dir() and any(path.suffix in WEIGHT_SUFFIXES for path in real.iterdir()):
+            return real
+    if outside:
+        raise LoraError(f"'{requested}' is outside the directories adapters may be loaded from.")
+    raise LoraError(f"No LoRA weights ({', '.join(WEIGHT_SUFFIXES)}) found at '{requested}'.")
+
+
+def weights_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(item.stat().st_size for item in path.iterdir() if item.suffix in WEIGHT_SUFFIXES)
+
+
+def adapter_key(name: str) -> str:
+    """A module-safe adapter name (peft keys cannot hold dots or slashes)."""
+    return "lora_" + hashlib.sha1(name.encode()).hexdigest()[:16]
+
+
+class LoraManager:
+    """Adapters of one pipeline: load, look up, activate for a call, unload, evict (LRU)."""
+
+    def __init__(self, pipe: Any, allowed_dirs: list[Path], max_loaded: int) -> None:
+        self.pipe = pipe
+        self.allowed_dirs = allowed_dirs
+        self.max_loaded = max_loaded
+        self._adapters: dict[str, LoadedAdapter] = {}
+        self._active: tuple[str, float] | None = None
+        self._lora_enabled = False
+
+    def list(self) -> list[dict[str, Any]]:
+        return [adapter.describe() for adapter in self._adapters.values()]
+
+    def load(self, name: str, source: str, scale: float = 1.0, pinned: bool = False, protect: Iterable[str] = ()) -> LoadedAdapter:
+        """Load `source` (a directory or file, a BentoML model tag, or a Hub id) as `name`."""
+        if name in self._adapters:
+            raise LoraError(f"An adapter named '{name}' is already loaded; unload it first.", status=409)
+        location = self._locate(source)
+        self._make_room(protect)
+        key = adapter_key(name)
+        started = time.perf_counter()
+        try:
+            self.pipe.load_lora_weights(location, adapter_name=key)
+        except Exception as error:
+            self._forget_partial(key)
+            logger.warning("loading LoRA '%s' from %s failed: %s", name, source, error)
+            raise LoraError(f"Could not load LoRA weights from '{source}': {type(error).__name__}.") from None
+        seconds = time.perf_counter() - started
+        self._state_changed()  # diffusers leaves the new adapter active
+        size = weights_size(Path(location)) if os.path.exists(location) else 0
+        now = time.time()
+        adapter = LoadedAdapter(name, key, source, scale, pinned, now, size, seconds, now)
+        self._adapters[name] = adapter
+        logger.info("LoRA '%s' loaded from %s in %.1f ms (%d bytes)%s", name, source, seconds * 1000, size, " [pinned]" if pinned else "")
+        return adapter
+
+    def unload(self, name: str) -> None:
+        adapter = self._adapters.pop(name, None)
+        if adapter is None:
+            raise LoraError(f"No adapter named '{name}' is loaded.", status=404)
+        started = time.perf_counter()
+        self.pipe.delete_adapters(adapter.adapter_name)
+        self._state_changed()
+        logger.info("LoRA '%s' unloaded in %.1f ms", name, (time.perf_counter() - started) * 1000)
+
+    def resolve(self, lora_path: str, protect: Iterable[str] = ()) -> LoadedAdapter:
+        """A loaded adapter by name, or the adapter at an allowed path (loaded on first use)."""
+        adapter = self._adapters.get(lora_path)
+        if adapter is None:
+            real = resolve_allowed_path(lora_path, self.allowed_dirs)
+            name = str(real)
+            adapter = self._adapters.get(name) or self.load(name, name, protect=protect)
+        adapter.last_used = time.time()
+        return adapter
+
+    def activate(self, adapter: LoadedAdapter | None, scale: float | None) -> None:
+        """Make the next pipeline call use exactly `adapter` at `scale`, or no adapter."""
+        if adapter is None:
+            if self._lora_enabled and self._adapters:
+                self.pipe.disable_lora()
+            self._lora_enabled, self._active = False, None
+            return
+        wanted = (adapter.adapter_name, adapter.scale if scale is None else scale)
+        if not self._lora_enabled:
+            self.pipe.enable_lora()
+            self._lora_enabled = True
+        if self._active != wanted:
+            self.pipe.set_adapters([wanted[0]], adapter_weights=[wanted[1]])
+            self._active = wanted
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _locate(self, source: str) -> str:
+        if is_bentoml_tag(source):
+            import bentoml
+
+            return bentoml.models.get(source).path
+        return source
+
+    def _make_room(self, protect: Iterable[str]) -> None:
+        protected = set(protect)
+        while len(self._adapters) >= self.max_loaded:
+            candidates = [a for a in self._adapters.values() if not a.pinned and a.name not in protected]
+            if not candidates:
+                return  # every loaded adapter is pinned or in use by this batch: go over the limit
+            victim = min(candidates, key=lambda adapter: adapter.last_used)
+            logger.info("evicting LoRA '%s' (least recently used)", victim.name)
+            self.unload(victim.name)
+
+    def _state_changed(self) -> None:
+        """After a load or unload the pipeline's adapter state is diffusers' choice: set it anew."""
+        self._lora_enabled, self._active = True, None
+
+    def _forget_partial(self, key: str) -> None:
+        try:
+            self.pipe.delete_adapters(key)
+        except Exception:  # nothing was registered under that key
+            pass
