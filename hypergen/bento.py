@@ -67,6 +67,23 @@ def import_model(source: str | None, name: str, settings: Settings) -> str:
     return str(model.tag)
 
 
+def import_lora(spec: Any) -> str:
+    """Copy a start-up adapter (a local file or directory) into the BentoML store; returns its tag."""
+    import bentoml
+
+    source = Path(spec.source)
+    if not source.exists():
+        raise SystemExit(f"hypergen: LoRA '{spec.name}': {spec.source} does not exist (only local adapters can be built in)")
+    metadata = {"source": spec.source, "format": "diffusers-lora", "scale": spec.scale}
+    with bentoml.models.create(f"hypergen-lora-{spec.name}", labels={"kind": "lora"}, metadata=metadata) as model:
+        if source.is_dir():
+            shutil.copytree(source, model.path, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, Path(model.path) / source.name)
+    logger.info("imported LoRA %s as BentoML model %s", spec.source, model.tag)
+    return str(model.tag)
+
+
 def resolve_model_directory(source: str | None, settings: Settings) -> Path:
     """A local directory holding the model's diffusers files."""
     if not source:

@@ -2,7 +2,7 @@
 
     hypergen serve [MODEL] [--port 3000] [--api-key KEY] ...
     hypergen import [MODEL] [--name NAME]
-    hypergen build [MODEL] [--name NAME]
+    hypergen build [MODEL] [--name NAME] [--lora NAME=PATH[:SCALE] ...]
 
 Flags map to the `HYPERGEN_*` settings; `serve` runs the same `service.py` as `bentoml serve`.
 """
@@ -38,6 +38,8 @@ def _serve_env(args: argparse.Namespace) -> dict[str, str]:
         "HYPERGEN_REQUEST_TIMEOUT": args.request_timeout,
         "HYPERGEN_PUBLIC_URL": args.public_url,
         "HYPERGEN_LOG_LEVEL": args.log_level,
+        "HYPERGEN_LORAS": ",".join(args.lora) if args.lora else None,
+        "HYPERGEN_LORA_DIRS": ",".join(args.lora_dir) if args.lora_dir else None,
     }
     env.update({key: str(value) for key, value in mapping.items() if value is not None})
     return env
@@ -63,14 +65,30 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .bento import default_model_name, import_model
-    from .config import load_settings
+    """Import the model and the start-up LoRAs into the BentoML store, then build a Bento whose
+    arguments name them, so the Bento carries all their weights."""
+    import tempfile
+
+    import yaml
+
+    from .bento import default_model_name, import_lora, import_model
+    from .config import load_settings, parse_lora_specs
 
     root = _project_root()
-    tag = import_model(args.model, args.name or default_model_name(args.model), load_settings())
-    print(f"model {tag} imported; building the Bento")
-    command = [sys.executable, "-m", "bentoml", "build", ".", "--arg", f"model={tag}"]
-    return subprocess.call(command, cwd=root)
+    settings = load_settings()
+    tag = import_model(args.model, args.name or default_model_name(args.model), settings)
+    arguments = {"model": tag}
+    specs = parse_lora_specs(",".join(args.lora or []))
+    if specs:
+        arguments["loras"] = ",".join(f"{spec.name}={import_lora(spec)}:{spec.scale}" for spec in specs)
+    print(f"imported {', '.join(arguments.values())}; building the Bento")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump(arguments, handle)
+    command = [sys.executable, "-m", "bentoml", "build", ".", "--arg-file", handle.name]
+    try:
+        return subprocess.call(command, cwd=root)
+    finally:
+        os.unlink(handle.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout", type=float, help="seconds (HYPERGEN_REQUEST_TIMEOUT, 600)")
     serve.add_argument("--public-url", help="base for url responses (HYPERGEN_PUBLIC_URL)")
     serve.add_argument("--log-level", help="HYPERGEN_LOG_LEVEL (INFO)")
+    serve.add_argument("--lora", action="append", help="NAME=PATH_OR_ID[:SCALE], loaded at start; repeatable")
+    serve.add_argument("--lora-dir", action="append", help="directory lora_path may load from; repeatable")
     serve.set_defaults(handler=cmd_serve)
 
     for name, handler, summary in (
@@ -98,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("model", nargs="?", help="diffusers directory or Hub id (default: the embedded model)")
         command.add_argument("--name", help="BentoML model name (default: derived from MODEL)")
         command.set_defaults(handler=handler)
+        if name == "build":
+            command.add_argument("--lora", action="append", help="NAME=PATH[:SCALE] carried in the Bento; repeatable")
     return parser
 
 

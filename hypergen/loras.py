@@ -105,7 +105,7 @@ class LoraManager:
         self.max_loaded = max_loaded
         self._adapters: dict[str, LoadedAdapter] = {}
         self._active: tuple[str, float] | None = None
-        self._lora_enabled = False
+        self._lora_enabled: bool | None = None  # None: unknown (after a load or unload)
 
     def list(self) -> list[dict[str, Any]]:
         return [adapter.describe() for adapter in self._adapters.values()]
@@ -155,12 +155,12 @@ class LoraManager:
     def activate(self, adapter: LoadedAdapter | None, scale: float | None) -> None:
         """Make the next pipeline call use exactly `adapter` at `scale`, or no adapter."""
         if adapter is None:
-            if self._lora_enabled and self._adapters:
+            if self._lora_enabled is not False and self._adapters:
                 self.pipe.disable_lora()
             self._lora_enabled, self._active = False, None
             return
         wanted = (adapter.adapter_name, adapter.scale if scale is None else scale)
-        if not self._lora_enabled:
+        if self._lora_enabled is not True:
             self.pipe.enable_lora()
             self._lora_enabled = True
         if self._active != wanted:
@@ -187,8 +187,9 @@ class LoraManager:
             self.unload(victim.name)
 
     def _state_changed(self) -> None:
-        """After a load or unload the pipeline's adapter state is diffusers' choice: set it anew."""
-        self._lora_enabled, self._active = True, None
+        """After a load or unload the pipeline's adapter state is diffusers' choice (a new adapter
+        may be active, or all may still be disabled): set it anew before the next call."""
+        self._lora_enabled, self._active = None, None
 
     def _forget_partial(self, key: str) -> None:
         try:

@@ -88,14 +88,15 @@ class DiffusionEngine:
             logger.exception("loading the model failed")
             return
         loaded = self._loaded
-        self.loras = LoraManager(loaded.modes["text-to-image"], self.settings.lora_dir_list, self.settings.max_loras)
+        loras = LoraManager(loaded.modes["text-to-image"], self.settings.lora_dir_list, self.settings.max_loras)
         for spec in self.settings.lora_specs:
             try:
-                self.loras.load(spec.name, spec.source, spec.scale, pinned=True)
+                loras.load(spec.name, spec.source, spec.scale, pinned=True)
             except LoraError as error:
                 self._load_error = f"start-up LoRA '{spec.name}' failed to load: {error.message}"
                 logger.error("%s", self._load_error)
                 return
+        self.loras = loras  # ready only now: start-up adapters are part of being loaded
         logger.info(
             "model '%s' loaded from %s on %s (%s) in %.2fs; native size %dx%d, default %d steps%s",
             loaded.name,

@@ -15,7 +15,7 @@ from openai import AsyncOpenAI
 
 from hypergen.auth import ApiKeyAuth
 from hypergen.config import Settings
-from hypergen.protocol import GenerationJob, GenerationResult, WorkerStatus
+from hypergen.protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerStatus
 from hypergen.routes import create_app
 from hypergen.serving import ImageServing
 
@@ -31,6 +31,9 @@ class EngineClient:
 
     async def status(self) -> WorkerStatus:
         return self.engine.status()
+
+    async def manage_loras(self, command: LoraCommand) -> LoraReply:
+        return await self.engine.manage_loras(command)
 
 
 @pytest.fixture(scope="session")

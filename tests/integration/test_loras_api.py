@@ -1,0 +1,144 @@
+"""LoRA adapters on a real tiny pipeline: start-up, per request, admin API, isolation, LRU."""
+
+import asyncio
+import base64
+import io
+import time
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from hypergen.config import Settings
+from hypergen.protocol import GenerationJob
+from hypergen.testing import save_random_lora
+
+from .conftest import EngineClient, http, openai_client, run
+
+
+@pytest.fixture(scope="module")
+def lora_dirs(tiny_sd_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    allowed = root / "allowed"
+    for index, name in enumerate(["style", "ink", "chalk", "neon", "late"]):
+        save_random_lora(tiny_sd_dir, allowed / name, seed=index + 10, magnitude=0.5)
+    (allowed / "corrupt").mkdir()
+    (allowed / "corrupt" / "pytorch_lora_weights.safetensors").write_bytes(b"definitely not safetensors")
+    outside = save_random_lora(tiny_sd_dir, root / "outside", seed=99)
+    return allowed, outside
+
+
+@pytest.fixture(scope="module")
+def lora_engine(tiny_sd_dir, lora_dirs, tmp_path_factory):
+    from hypergen.worker import DiffusionEngine
+
+    allowed, _ = lora_dirs
+    settings = Settings(
+        home=tmp_path_factory.mktemp("lora-home"), loras=f"style={allowed / 'style'}:0.8",
+        lora_dirs=str(allowed), max_loras=3,
+    )  # fmt: skip
+    engine = DiffusionEngine(settings, model_path=str(tiny_sd_dir))
+    deadline = time.monotonic() + 120
+    while not engine.status().ready:
+        assert time.monotonic() < deadline, engine.status().detail
+        time.sleep(0.05)
+    return engine
+
+
+@pytest.fixture
+def app(make_app, lora_engine):
+    return make_app(EngineClient(lora_engine))
+
+
+def job(request_id, lora=None, scale=None, seed=1, prompt="a shape"):
+    return GenerationJob(
+        request_id=request_id, model="tiny-sd", prompt=prompt, width=64, height=64, num_inference_steps=3,
+        guidance_scale=7.5, seeds=[seed], lora_path=lora, lora_scale=scale, admitted_at=time.time(),
+    )  # fmt: skip
+
+
+def pixels(b64):
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def image_for(engine, **kwargs):
+    result = engine.run_batch([job("r", **kwargs)])[0]
+    assert result.error is None, result.error
+    return pixels(result.images_b64[0])
+
+
+def names(engine):
+    return {adapter["name"] for adapter in engine.loras.list()}
+
+
+def test_start_up_adapters_change_the_image_and_scale_zero_is_the_base(lora_engine):
+    base = image_for(lora_engine)
+    styled = image_for(lora_engine, lora="style")
+    assert np.abs(styled - base).mean() > 2
+    assert np.array_equal(image_for(lora_engine, lora="style", scale=0.0), base)
+    assert np.array_equal(image_for(lora_engine), base)  # adapters are off again for base requests
+    pinned = next(a for a in lora_engine.loras.list() if a["name"] == "style")
+    assert pinned["pinned"] and pinned["scale"] == 0.8 and pinned["size_bytes"] > 0
+
+
+def test_one_batch_gives_each_request_its_own_adapter(lora_engine, lora_dirs):
+    allowed, _ = lora_dirs
+    jobs = [job("a", lora="style", seed=4), job("b", lora=str(allowed / "ink"), seed=4), job("c", seed=4), job("d", lora="style", scale=1.2, seed=4)]
+    together = lora_engine.run_batch(jobs)
+    alone = [lora_engine.run_batch([single])[0] for single in jobs]
+    images = [pixels(result.images_b64[0]) for result in together]
+    for batched, single in zip(together, alone):
+        assert batched.error is None
+        assert np.abs(pixels(batched.images_b64[0]) - pixels(single.images_b64[0])).mean() <= 1.0
+    assert min(np.abs(images[i] - images[j]).mean() for i in range(4) for j in range(i + 1, 4)) > 1
+
+
+def test_bad_lora_paths_are_400_naming_lora_path_and_load_nothing(app, lora_engine, lora_dirs):
+    _, outside = lora_dirs
+    before = names(lora_engine)
+    client = openai_client(app)
+    for bad in ["../outside", str(outside), "style/../../outside", "missing-adapter", "corrupt", "/etc/passwd"]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            run(client.images.generate(prompt="a", extra_body={"lora_path": bad, "num_inference_steps": 2}))
+        assert caught.value.body["param"] == "lora_path", bad
+    assert names(lora_engine) == before
+
+
+def test_admin_api_loads_lists_and_unloads_without_a_restart(app, lora_engine):
+    base = image_for(lora_engine, seed=7)
+
+    async def scenario():
+        async with http(app) as client:
+            loaded = await client.post("/v1/loras", json={"name": "glow", "path": "neon", "scale": 1.0})
+            listed = await client.get("/v1/loras")
+            duplicate = await client.post("/v1/loras", json={"name": "glow", "path": "neon"})
+            escape = await client.post("/v1/loras", json={"name": "x", "path": "../outside"})
+            bad_name = await client.post("/v1/loras", json={"name": "no spaces", "path": "neon"})
+            generated = await client.post("/v1/images/generations", json={"prompt": "a shape", "lora_path": "glow", "seed": 7, "num_inference_steps": 3})
+            deleted = await client.delete("/v1/loras/glow")
+            again = await client.delete("/v1/loras/glow")
+            after = await client.post("/v1/images/generations", json={"prompt": "a shape", "lora_path": "glow", "seed": 7, "num_inference_steps": 3})
+            return loaded, listed, duplicate, escape, bad_name, generated, deleted, again, after
+
+    loaded, listed, duplicate, escape, bad_name, generated, deleted, again, after = run(scenario())
+    assert loaded.status_code == 200 and loaded.json()["name"] == "glow" and loaded.json()["load_ms"] >= 0
+    assert "glow" in {item["name"] for item in listed.json()["data"]}
+    assert duplicate.status_code == 409
+    assert escape.status_code == 400 and escape.json()["error"]["param"] == "path"
+    assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "name"
+    assert np.abs(pixels(generated.json()["data"][0]["b64_json"]) - base).mean() > 2
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert again.status_code == 404
+    assert after.status_code == 400 and after.json()["error"]["param"] == "lora_path"  # not loaded, not a path either
+    assert np.array_equal(image_for(lora_engine, seed=7), base)
+
+
+def test_adapters_loaded_on_demand_are_evicted_least_recently_used_first(lora_engine, lora_dirs):
+    allowed, _ = lora_dirs
+    for name in ("ink", "chalk", "late"):  # max_loras=3 with the pinned "style"
+        image_for(lora_engine, lora=name)
+        time.sleep(0.01)
+    loaded = names(lora_engine)
+    assert "style" in loaded and len(loaded) == 3
+    assert str((allowed / "late").resolve()) in loaded and str((allowed / "ink").resolve()) not in loaded
