@@ -47,11 +47,20 @@ class Settings(BaseSettings):
     loras: str | None = Field(default=None, description="adapters loaded at start: name=path_or_id[:scale],...")
     lora_dirs: str | None = Field(default=None, description="directories lora_path may load from (comma-separated)")
     max_loras: int = Field(default=8, ge=1, description="adapters kept loaded (LRU; start-up ones pinned)")
+    rate_limit: str | None = Field(default=None, description="e.g. '60/minute,200 images/hour'; unset = off")
 
     @field_validator("loras")
     @classmethod
     def _loras_parse(cls, value: str | None) -> str | None:
         parse_lora_specs(value or "")
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit_parses(cls, value: str | None) -> str | None:
+        from .ratelimit import parse_rate_limit
+
+        parse_rate_limit(value)
         return value
 
     @field_validator("api_keys")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .config import is_bentoml_tag
+from .metrics import metrics
 
 logger = logging.getLogger("hypergen.loras")
 
@@ -122,6 +123,7 @@ class LoraManager:
             self.pipe.load_lora_weights(location, adapter_name=key)
         except Exception as error:
             self._forget_partial(key)
+            metrics().lora_loads.labels(outcome="failed").inc()
             logger.warning("loading LoRA '%s' from %s failed: %s", name, source, error)
             raise LoraError(f"Could not load LoRA weights from '{source}': {type(error).__name__}.") from None
         seconds = time.perf_counter() - started
@@ -130,6 +132,8 @@ class LoraManager:
         now = time.time()
         adapter = LoadedAdapter(name, key, source, scale, pinned, now, size, seconds, now)
         self._adapters[name] = adapter
+        metrics().lora_loads.labels(outcome="loaded").inc()
+        metrics().loras_loaded.set(len(self._adapters))
         logger.info("LoRA '%s' loaded from %s in %.1f ms (%d bytes)%s", name, source, seconds * 1000, size, " [pinned]" if pinned else "")
         return adapter
 
@@ -140,6 +144,7 @@ class LoraManager:
         started = time.perf_counter()
         self.pipe.delete_adapters(adapter.adapter_name)
         self._state_changed()
+        metrics().loras_loaded.set(len(self._adapters))
         logger.info("LoRA '%s' unloaded in %.1f ms", name, (time.perf_counter() - started) * 1000)
 
     def resolve(self, lora_path: str, protect: Iterable[str] = ()) -> LoadedAdapter:

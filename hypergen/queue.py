@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 
 class QueueFull(Exception):
@@ -18,13 +18,17 @@ class QueueFull(Exception):
 
 
 class AdmissionQueue:
-    def __init__(self, max_waiting: int, max_in_flight: int) -> None:
+    def __init__(
+        self, max_waiting: int, max_in_flight: int, on_change: Callable[[int, int], None] | None = None
+    ) -> None:
+        """`on_change(depth, in_flight)` is called after every change (for metrics)."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.max_waiting = max_waiting
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self._waiting: deque[asyncio.Future[None]] = deque()
+        self._on_change = on_change or (lambda depth, in_flight: None)
 
     @property
     def depth(self) -> int:
@@ -36,11 +40,13 @@ class AdmissionQueue:
         """Wait (FIFO) for a dispatch slot and hold it for the body of the `async with`."""
         if self.in_flight < self.max_in_flight and not self._waiting:
             self.in_flight += 1
+            self._changed()
         elif len(self._waiting) >= self.max_waiting:
             raise QueueFull()
         else:
             turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiting.append(turn)
+            self._changed()
             try:
                 await turn
             except asyncio.CancelledError:
@@ -48,6 +54,7 @@ class AdmissionQueue:
                     self._release()  # the slot was handed over just as we gave up
                 elif turn in self._waiting:
                     self._waiting.remove(turn)
+                    self._changed()
                 raise
         try:
             yield
@@ -61,4 +68,8 @@ class AdmissionQueue:
             if not turn.done():
                 self.in_flight += 1
                 turn.set_result(None)
-                return
+                break
+        self._changed()
+
+    def _changed(self) -> None:
+        self._on_change(len(self._waiting), self.in_flight)

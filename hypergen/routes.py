@@ -7,7 +7,9 @@ over through `app.state.serving` when the BentoML service starts.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import time
 import uuid
 from typing import Any
 
@@ -20,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .auth import ApiKeyAuth
 from .errors import OpenAIError, error_response, install_error_handlers
+from .metrics import metrics
 from .protocol import (
     ALLOWED,
     ImageEditRequest,
@@ -47,6 +50,25 @@ def authorized(request: Request) -> str | None:
     return auth.check(request.headers.get("authorization"))
 
 
+def rate_limited(
+    request: Request, response: Response, key: str | None = Depends(authorized), images: ImageServing = Depends(serving)
+) -> str:
+    """Charge one request to the caller (API key, or client IP with auth off); returns its
+    limiter key, which never holds the API key itself."""
+    if key is not None:
+        client = "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    else:
+        client = "ip:" + (request.client.host if request.client else "unknown")
+    if images.limiter.enabled:
+        response.headers.update(images.charge_request(client))
+    return client
+
+
+def charge_images(images: ImageServing, client: str, response: Response, n: int | None) -> None:
+    if images.limiter.enabled:
+        response.headers.update(images.charge_images(client, n or 1))
+
+
 class RequestLimits:
     """ASGI middleware: a request ID on every request and response, and a request body cap (413).
 
@@ -66,9 +88,12 @@ class RequestLimits:
         sent_id = headers.get("x-request-id", "")
         request_id = sent_id if _CLIENT_REQUEST_ID.match(sent_id) else f"req_{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status_seen = [500]
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
+                status_seen[0] = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = [h for h in message["headers"] if h[0].lower() != b"x-request-id"]
                 message["headers"].append((b"x-request-id", request_id.encode()))
@@ -77,6 +102,7 @@ class RequestLimits:
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._too_large(scope, send_with_id)
+            record_request(scope, 413, time.perf_counter() - started)
             return
         # Read the (bounded) body up front, so an oversized chunked upload is refused with 413
         # before any route or parser sees it; the app then reads the buffered copy.
@@ -90,6 +116,7 @@ class RequestLimits:
             received += len(chunks[-1])
             if received > self.max_body_bytes:
                 await self._too_large(scope, send_with_id)
+                record_request(scope, 413, time.perf_counter() - started)
                 return
             if not message.get("more_body", False):
                 break
@@ -102,7 +129,10 @@ class RequestLimits:
                 return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
             return await receive()
 
-        await self.app(scope, receive_buffered, send_with_id)
+        try:
+            await self.app(scope, receive_buffered, send_with_id)
+        finally:
+            record_request(scope, status_seen[0], time.perf_counter() - started)
 
     def _too_large_message(self) -> str:
         return f"The request body is larger than the limit of {self.max_body_bytes} bytes."
@@ -111,6 +141,16 @@ class RequestLimits:
         error = OpenAIError(413, self._too_large_message(), code="request_too_large")
         response = JSONResponse(error.body(), status_code=413)
         await response(scope, _no_body, send)
+
+
+def record_request(scope: Scope, status: int, seconds: float) -> None:
+    """Count the request by route template (not raw path: bounded label values) and status."""
+    route = getattr(scope.get("route"), "path", None) or "unmatched"
+    if route == "/{path:path}":
+        route = "unmatched"
+    metrics().requests.labels(route=route, status=str(status)).inc()
+    if route.startswith("/v1/images/") and scope.get("method") == "POST":
+        metrics().request_seconds.labels(route=route).observe(seconds)
 
 
 async def _no_body() -> Message:
@@ -170,9 +210,10 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         body: ImageGenerationRequest,
         request: Request,
         response: Response,
-        _key: str | None = Depends(authorized),
+        client: str = Depends(rate_limited),
         images: ImageServing = Depends(serving),
     ) -> ImagesResponse:
+        charge_images(images, client, response, body.n)
         result, timing = await images.generate(body, request.state.request_id, str(request.base_url))
         response.headers["Server-Timing"] = timing
         return result
@@ -186,11 +227,12 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
     async def edit_image(
         request: Request,
         response: Response,
-        _key: str | None = Depends(authorized),
+        client: str = Depends(rate_limited),
         images: ImageServing = Depends(serving),
     ) -> ImagesResponse:
         fields, files = await read_multipart(request)
         body = ImageEditRequest.model_validate(fields)
+        charge_images(images, client, response, body.n)
         masks = files.get("mask", [])
         if len(masks) > 1:
             raise OpenAIError(400, "Send at most one 'mask'.", param="mask", code="invalid_value")
@@ -209,11 +251,12 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
     async def create_variation(
         request: Request,
         response: Response,
-        _key: str | None = Depends(authorized),
+        client: str = Depends(rate_limited),
         images: ImageServing = Depends(serving),
     ) -> ImagesResponse:
         fields, files = await read_multipart(request)
         body = ImageVariationRequest.model_validate(fields)
+        charge_images(images, client, response, body.n)
         uploads = required_files(files, "image")
         if len(uploads) > 1:
             raise OpenAIError(400, "Send exactly one 'image' for variations.", param="image", code="invalid_value")

@@ -43,7 +43,9 @@ from .protocol import (
     ModelList,
     WorkerStatus,
 )
+from .metrics import metrics
 from .queue import AdmissionQueue, QueueFull
+from .ratelimit import RateLimiter, parse_rate_limit
 from .store import ImageStore
 
 logger = logging.getLogger("hypergen.requests")
@@ -109,6 +111,11 @@ def server_timing(result: GenerationResult) -> str:
     return ", ".join([*parts, f'batch;desc="{result.batch_images}"'])
 
 
+def _queue_gauges(depth: int, in_flight: int) -> None:
+    metrics().queue_depth.set(depth)
+    metrics().in_flight.set(in_flight)
+
+
 class ImageServing:
     """Admission, job building, the worker call and response formatting for image requests."""
 
@@ -116,7 +123,8 @@ class ImageServing:
         self.settings = settings
         self.worker = worker
         self.store = store or ImageStore(settings.home / "images", settings.url_ttl, settings.store_max_bytes)
-        self.queue = AdmissionQueue(settings.max_queue, max_in_flight=settings.max_batch_size)
+        self.queue = AdmissionQueue(settings.max_queue, max_in_flight=settings.max_batch_size, on_change=_queue_gauges)
+        self.limiter = RateLimiter(parse_rate_limit(settings.rate_limit))
         self.started = int(time.time())
         self._status: WorkerStatus | None = None
         self._status_checked = 0.0
@@ -175,6 +183,7 @@ class ImageServing:
     async def ready_models(self) -> list[ModelLimits]:
         status = await self.worker_status()
         if not status.ready:
+            metrics().rejected.labels(reason="not_ready").inc()
             raise not_ready_error(f"The server is not ready: {status.detail}.")
         return status.models
 
@@ -293,6 +302,21 @@ class ImageServing:
             }
         )
 
+    def charge_request(self, client_key: str) -> dict[str, str]:
+        """Count one image request against the client's limits; `x-ratelimit-*` headers or a 429."""
+        return self._limited(lambda: self.limiter.acquire(client_key, "requests"))
+
+    def charge_images(self, client_key: str, count: int) -> dict[str, str]:
+        return self._limited(lambda: self.limiter.acquire(client_key, "images", count))
+
+    @staticmethod
+    def _limited(acquire: Any) -> dict[str, str]:
+        try:
+            return acquire()
+        except OpenAIError:
+            metrics().rejected.labels(reason="rate_limited").inc()
+            raise
+
     async def _serve(self, job: GenerationJob, request: ImageRequestOptions, base_url: str) -> tuple[ImagesResponse, str]:
         started = time.perf_counter()
         result: GenerationResult | None = None
@@ -302,6 +326,7 @@ class ImageServing:
             status = 200
         except asyncio.TimeoutError:
             status = 504
+            metrics().rejected.labels(reason="timeout").inc()
             raise timeout_error(self.settings.request_timeout) from None
         except OpenAIError as error:
             status = error.status_code
@@ -358,6 +383,7 @@ class ImageServing:
             async with self.queue.slot():
                 results = await self.worker.generate([job])
         except QueueFull:
+            metrics().rejected.labels(reason="queue_full").inc()
             raise queue_full_error(self.settings.max_queue, retry_after=self._retry_after()) from None
         except OpenAIError:
             raise

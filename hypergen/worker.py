@@ -19,9 +19,23 @@ from .batching import PipelineCall, group_compatible_jobs
 from .config import Settings, is_bentoml_tag
 from .encoding import encode_image_b64
 from .loras import LoadedAdapter, LoraError, LoraManager, resolve_allowed_path
+from .metrics import metrics
 from .protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, ModelLimits, WorkerStatus
 
 logger = logging.getLogger("hypergen.worker")
+
+
+def observe_call(mode: str, images: int, requests: int, generation_s: float, encode_s: float) -> None:
+    recorded = metrics()
+    recorded.generation_seconds.labels(mode=mode).observe(generation_s)
+    recorded.encode_seconds.observe(encode_s)
+    recorded.batch_images.observe(images)
+    recorded.batch_requests.observe(requests)
+    recorded.images.labels(mode=mode).inc(images)
+    import torch
+
+    if torch.cuda.is_available():
+        recorded.gpu_memory_bytes.set(torch.cuda.memory_allocated())
 
 
 def keep_unmasked(generated: Any, original: Any, mask: Any) -> Any:
@@ -276,11 +290,13 @@ class DiffusionEngine:
             job, result = jobs[job_index], results[job_index]
             if not result.images_b64:
                 result.queue_wait_s = max(0.0, started_at - job.admitted_at)
+                metrics().queue_wait_seconds.observe(result.queue_wait_s)
             job_images = [encoded[(job_index, image)] for image in range(job.n) if (job_index, image) in encoded]
             result.images_b64.extend(job_images)
             result.generation_s += generation_s
             result.encode_s += encode_s * len(job_images) / len(call.images)
             result.batch_images = max(result.batch_images, len(call.images))
+        observe_call(first.mode, len(call.images), len(call.job_indices), generation_s, encode_s)
         logger.info(
             "pipeline call: %d images for %d requests, %dx%d, %d steps, %.3fs generation, %.3fs encoding",
             len(call.images),

@@ -266,3 +266,26 @@ def test_health_waits_for_the_batcher_warm_up_and_real_requests_are_not_counted(
     assert first.status_code == 503 and first.json()["detail"] == "warming up the batcher"
     assert after.status_code == 200 and after.json()["status"] == "ok"
     assert worker.calls == 12
+
+
+def test_rate_limits_are_per_key_with_openai_headers(make_app):
+    worker = ScriptedWorker()
+    worker.release.set()
+    app = make_app(worker, api_keys=["k1", "k2"], rate_limit="2/minute,3 images/minute")
+
+    async def scenario():
+        first = await openai_client(app, "k1").images.with_raw_response.generate(prompt="a")
+        await openai_client(app, "k1").images.generate(prompt="a")
+        with pytest.raises(openai.RateLimitError) as limited:
+            await openai_client(app, "k1").images.generate(prompt="a")
+        with pytest.raises(openai.RateLimitError) as budget:
+            await openai_client(app, "k2").images.generate(prompt="a", n=4)
+        other = await openai_client(app, "k2").images.generate(prompt="a", n=3)
+        return first, limited.value, budget.value, other
+
+    first, limited, budget, other = run(scenario())
+    assert first.headers["x-ratelimit-remaining-requests"] == "1" and first.headers["x-ratelimit-limit-requests"] == "2"
+    assert limited.body["code"] == "rate_limit_exceeded" and limited.body["type"] == "requests"
+    assert int(limited.response.headers["retry-after"]) >= 1 and limited.response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert budget.body["type"] == "images"
+    assert len(other.data) == 3

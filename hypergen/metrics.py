@@ -1,0 +1,45 @@
+"""Prometheus metrics (`hypergen_*`), served by BentoML's own `/metrics` with its metrics.
+
+Created lazily, on first use: BentoML sets `PROMETHEUS_MULTIPROC_DIR` when its processes
+start, and metrics made before that would not reach the merged `/metrics` output. Gauges use
+`multiprocess_mode="livesum"` so several worker processes add up.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from types import SimpleNamespace
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+@lru_cache(maxsize=1)
+def metrics() -> SimpleNamespace:
+    """The process's metric objects (see the README's metrics table)."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return SimpleNamespace(
+        requests=Counter("hypergen_requests_total", "HTTP requests by route and status", ["route", "status"]),
+        request_seconds=Histogram(
+            "hypergen_request_seconds", "End-to-end latency of image requests", ["route"], buckets=LATENCY_BUCKETS
+        ),
+        queue_depth=Gauge("hypergen_queue_depth", "Requests admitted and waiting", multiprocess_mode="livesum"),
+        in_flight=Gauge("hypergen_in_flight", "Requests handed to the worker", multiprocess_mode="livesum"),
+        queue_wait_seconds=Histogram(
+            "hypergen_queue_wait_seconds", "Admission to the start of the pipeline call", buckets=LATENCY_BUCKETS
+        ),
+        generation_seconds=Histogram(
+            "hypergen_generation_seconds", "Duration of pipeline calls", ["mode"], buckets=LATENCY_BUCKETS
+        ),
+        encode_seconds=Histogram("hypergen_encode_seconds", "Image encoding per pipeline call", buckets=LATENCY_BUCKETS),
+        batch_images=Histogram("hypergen_batch_images", "Images per pipeline call", buckets=BATCH_BUCKETS),
+        batch_requests=Histogram("hypergen_batch_requests", "Requests per pipeline call", buckets=BATCH_BUCKETS),
+        images=Counter("hypergen_images_generated_total", "Images generated", ["mode"]),
+        rejected=Counter("hypergen_rejected_total", "Requests refused before generation", ["reason"]),
+        lora_loads=Counter("hypergen_lora_loads_total", "LoRA adapter loads", ["outcome"]),
+        loras_loaded=Gauge("hypergen_loras_loaded", "LoRA adapters loaded", multiprocess_mode="livesum"),
+        gpu_memory_bytes=Gauge(
+            "hypergen_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated per worker", multiprocess_mode="livesum"
+        ),
+    )
