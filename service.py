@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import AsyncGenerator
+
 import bentoml
 
 from hypergen.bento import lora_references, model_reference, worker_batching
@@ -36,6 +39,16 @@ class DiffusionWorker:
     @bentoml.api(batchable=True, **worker_batching(settings))
     async def generate(self, jobs: list[GenerationJob]) -> list[GenerationResult]:
         return await self.engine.generate(jobs)
+
+    @bentoml.api
+    async def generate_stream(self, job: GenerationJob, partial_images: int = 0) -> AsyncGenerator[str, None]:
+        # JSON lines: chunks may merge or split between services, the API side reassembles lines.
+        async for event in self.engine.generate_stream(job, partial_images):
+            yield json.dumps(event) + "\n"
+
+    @bentoml.api
+    async def cancel_stream(self, request_id: str) -> bool:
+        return self.engine.cancel_stream(request_id)
 
     @bentoml.api
     async def status(self) -> WorkerStatus:

@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,7 +34,7 @@ from .protocol import (
     ModelCard,
     ModelList,
 )
-from .serving import ImageServing
+from .serving import ImageServing, Served
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_FORM_FILES = 20
@@ -62,6 +62,16 @@ def rate_limited(
     if images.limiter.enabled:
         response.headers.update(images.charge_request(client))
     return client
+
+
+def respond(served: Served, response: Response) -> Any:
+    """An ImagesResponse with its Server-Timing header, or the SSE stream of a streaming request."""
+    result, timing = served
+    if isinstance(result, ImagesResponse):
+        response.headers["Server-Timing"] = timing
+        return result
+    headers = {key: value for key, value in response.headers.items() if key.startswith("x-ratelimit")}
+    return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
 
 
 def charge_images(images: ImageServing, client: str, response: Response, n: int | None) -> None:
@@ -214,9 +224,7 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         images: ImageServing = Depends(serving),
     ) -> ImagesResponse:
         charge_images(images, client, response, body.n)
-        result, timing = await images.generate(body, request.state.request_id, str(request.base_url))
-        response.headers["Server-Timing"] = timing
-        return result
+        return respond(await images.generate(body, request.state.request_id, str(request.base_url)), response)
 
     @app.post(
         "/v1/images/edits",
@@ -236,11 +244,10 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         masks = files.get("mask", [])
         if len(masks) > 1:
             raise OpenAIError(400, "Send at most one 'mask'.", param="mask", code="invalid_value")
-        result, timing = await images.edit(
+        served = await images.edit(
             body, required_files(files, "image"), masks[0] if masks else None, request.state.request_id, str(request.base_url)
         )
-        response.headers["Server-Timing"] = timing
-        return result
+        return respond(served, response)
 
     @app.post(
         "/v1/images/variations",
@@ -260,9 +267,7 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         uploads = required_files(files, "image")
         if len(uploads) > 1:
             raise OpenAIError(400, "Send exactly one 'image' for variations.", param="image", code="invalid_value")
-        result, timing = await images.vary(body, uploads[0], request.state.request_id, str(request.base_url))
-        response.headers["Server-Timing"] = timing
-        return result
+        return respond(await images.vary(body, uploads[0], request.state.request_id, str(request.base_url)), response)
 
     @app.get("/v1/loras")
     async def list_loras(_key: str | None = Depends(authorized), images: ImageServing = Depends(serving)) -> dict[str, Any]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import secrets
 import sys
 import time
-from typing import Any, Protocol, Sequence
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Protocol, Sequence
 
 from starlette.concurrency import run_in_threadpool
 
@@ -102,6 +104,22 @@ class BentoWorkerClient:
     async def manage_loras(self, command: LoraCommand) -> LoraReply:
         return LoraReply.model_validate(await self._worker.to_async.manage_loras(command))
 
+    async def cancel_stream(self, request_id: str) -> bool:
+        return bool(await self._worker.to_async.cancel_stream(request_id=request_id))
+
+    async def generate_stream(self, job: GenerationJob, partial_images: int) -> AsyncIterator[dict[str, Any]]:
+        """The worker's JSON-lines stream, reassembled into events (chunks may merge or split)."""
+        buffer = ""
+        # aclosing: leaving early must close the HTTP stream now, so the worker sees the
+        # disconnect and cancels the job, not whenever the generator is garbage-collected.
+        async with aclosing(self._worker.to_async.generate_stream(job=job, partial_images=partial_images)) as stream:
+            async for chunk in stream:
+                buffer += chunk if isinstance(chunk, str) else chunk.decode()
+                while "\n" in buffer:
+                    line, buffer = buffer.split("\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
+
 
 def server_timing(result: GenerationResult) -> str:
     """`Server-Timing` header (W3C): where the time went inside HyperGen, in milliseconds, and
@@ -109,6 +127,35 @@ def server_timing(result: GenerationResult) -> str:
     durations = (("queue", result.queue_wait_s), ("generation", result.generation_s), ("encode", result.encode_s))
     parts = [f"{name};dur={seconds * 1000:.2f}" for name, seconds in durations]
     return ", ".join([*parts, f'batch;desc="{result.batch_images}"'])
+
+
+Served = tuple[ImagesResponse | AsyncIterator[str], str]
+
+
+def sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def stream_event(event_type: str, job: GenerationJob, event: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI image stream event; `size` is `auto` unless it is one of OpenAI's sizes, and
+    `image_index` tells the images of an `n > 1` request apart."""
+    size = f"{job.width}x{job.height}"
+    body: dict[str, Any] = {
+        "type": event_type,
+        "b64_json": event["b64_json"],
+        "created_at": int(time.time()),
+        "size": size if size in OPENAI_RESPONSE_SIZES else "auto",
+        "quality": "auto",
+        "background": "auto",
+        "output_format": job.output_format,
+    }
+    if "partial_image_index" in event:
+        body["partial_image_index"] = event["partial_image_index"]
+    else:
+        body["usage"] = {"total_tokens": 0, "input_tokens": 0, "output_tokens": 0, "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}}
+    if job.n > 1:
+        body["image_index"] = event["image_index"]
+    return body
 
 
 def _queue_gauges(depth: int, in_flight: int) -> None:
@@ -129,6 +176,7 @@ class ImageServing:
         self._status: WorkerStatus | None = None
         self._status_checked = 0.0
         self._warm_up: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
         self.warmed_up = False
 
     # --- readiness and models --------------------------------------------------------------------
@@ -225,8 +273,8 @@ class ImageServing:
 
     # --- generation ------------------------------------------------------------------------------
 
-    async def generate(self, request: ImageGenerationRequest, request_id: str, base_url: str) -> tuple[ImagesResponse, str]:
-        """The response and its `Server-Timing` header value (queue wait, generation, encoding)."""
+    async def generate(self, request: ImageGenerationRequest, request_id: str, base_url: str) -> Served:
+        """The response (or, with `stream`, its Server-Sent Events) and its `Server-Timing` value."""
         self._refuse_unsupported(request)
         limits = self._resolve_model(request.model, await self.ready_models())
         try:
@@ -234,11 +282,13 @@ class ImageServing:
         except ValueError as error:
             raise invalid_value("size", f"Invalid 'size': {error}.") from None
         job = self._build_job(request, limits, request_id, request.prompt, request.negative_prompt, (width, height))
+        if request.stream:
+            return await self._serve_stream(job, request, "image_generation")
         return await self._serve(job, request, base_url)
 
     async def edit(
         self, request: ImageEditRequest, images: list[bytes], mask: bytes | None, request_id: str, base_url: str
-    ) -> tuple[ImagesResponse, str]:
+    ) -> Served:
         """Image-to-image (no mask) or inpainting (mask: transparent = edit) of one uploaded image."""
         self._refuse_unsupported(request)
         if len(images) != 1:
@@ -248,7 +298,10 @@ class ImageServing:
         strength = request.strength or (1.0 if mask is not None else 0.75)
         upload = await self._prepare_upload(images[0], mask, request.size, limits)
         job = self._build_job(request, limits, request_id, request.prompt, request.negative_prompt, upload.image.size)
-        return await self._serve(self._with_upload(job, mode, strength, upload, limits), request, base_url)
+        job = self._with_upload(job, mode, strength, upload, limits)
+        if request.stream:
+            return await self._serve_stream(job, request, "image_edit")
+        return await self._serve(job, request, base_url)
 
     async def vary(self, request: ImageVariationRequest, image: bytes, request_id: str, base_url: str) -> tuple[ImagesResponse, str]:
         """Variations: image-to-image with an empty prompt at strength 0.6 (by default)."""
@@ -260,8 +313,8 @@ class ImageServing:
 
     @staticmethod
     def _refuse_unsupported(request: ImageRequestOptions) -> None:
-        if request.stream:
-            raise invalid_value("stream", "Streaming is not supported by this server yet; send 'stream': false.")
+        if request.stream and isinstance(request, ImageVariationRequest):
+            raise invalid_value("stream", "Variations cannot be streamed (as in OpenAI's API); send 'stream': false.")
 
     async def _prepare_upload(self, image: bytes, mask: bytes | None, size: str | None, limits: ModelLimits) -> FittedUpload:
         """Decode, check and fit the upload off the event loop."""
@@ -317,7 +370,57 @@ class ImageServing:
             metrics().rejected.labels(reason="rate_limited").inc()
             raise
 
-    async def _serve(self, job: GenerationJob, request: ImageRequestOptions, base_url: str) -> tuple[ImagesResponse, str]:
+    async def _serve_stream(self, job: GenerationJob, request: ImageRequestOptions, prefix: str) -> Served:
+        """Admit now (a full queue is a plain 503, before any event), then stream the events."""
+        slot = self.queue.slot()
+        try:
+            await slot.__aenter__()
+        except QueueFull:
+            metrics().rejected.labels(reason="queue_full").inc()
+            raise queue_full_error(self.settings.max_queue, retry_after=self._retry_after()) from None
+        return self._sse(job, request.partial_images or 0, prefix, slot), ""
+
+    async def _sse(self, job: GenerationJob, partial_images: int, prefix: str, slot: Any) -> AsyncIterator[str]:
+        """OpenAI's image stream: `<prefix>.partial_image` events, then `<prefix>.completed` per
+        image; a failure after the headers is an `error` event (the client raises APIError)."""
+        started = time.perf_counter()
+        result: GenerationResult | None = None
+        status = 500
+        try:
+            async with asyncio.timeout(self.settings.request_timeout), aclosing(
+                self.worker.generate_stream(job, partial_images)
+            ) as events:
+                async for event in events:
+                    if event["kind"] == "partial":
+                        yield sse(f"{prefix}.partial_image", stream_event(f"{prefix}.partial_image", job, event))
+                    elif event["kind"] == "image":
+                        yield sse(f"{prefix}.completed", stream_event(f"{prefix}.completed", job, event))
+                    elif event["kind"] == "done":
+                        result, status = GenerationResult.model_validate(event["result"]), 200
+                    else:
+                        failed = GenerationResult.model_validate(event["result"])
+                        status = failed.error_status
+                        logger.error("request %s: generation failed: %s", job.request_id, failed.error)
+                        error = (
+                            invalid_value(failed.error_param or "lora_path", failed.error or "")
+                            if failed.error_status == 400
+                            else generation_failed(job.request_id)
+                        )
+                        yield sse("error", error.body())
+        except TimeoutError:
+            status = 504
+            yield sse("error", timeout_error(self.settings.request_timeout).body())
+        except asyncio.CancelledError:
+            status = 499  # the client went away: tell the worker to drop or interrupt the job
+            task = asyncio.get_running_loop().create_task(self.worker.cancel_stream(job.request_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            raise
+        finally:
+            await slot.__aexit__(None, None, None)
+            self._log_request(job, status, started, result)
+
+    async def _serve(self, job: GenerationJob, request: ImageRequestOptions, base_url: str) -> Served:
         started = time.perf_counter()
         result: GenerationResult | None = None
         status = 500

@@ -10,16 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from .batching import PipelineCall, group_compatible_jobs
 from .config import Settings, is_bentoml_tag
 from .encoding import encode_image_b64
 from .loras import LoadedAdapter, LoraError, LoraManager, resolve_allowed_path
 from .metrics import metrics
+from .previews import StepPreviews, StreamTicket
 from .protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, ModelLimits, WorkerStatus
 
 logger = logging.getLogger("hypergen.worker")
@@ -64,6 +66,10 @@ class DiffusionEngine:
         self._model_path = model_path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypergen-pipeline")
         self._loaded: Any = None  # pipelines.LoadedPipeline once ready
+        self._tickets: dict[int, StreamTicket] = {}
+        self._stream_pending: list[StreamTicket] = []
+        self._streams: dict[str, StreamTicket] = {}  # request ID → ticket, while it streams
+        self._stream_lock = threading.Lock()
         self.loras: LoraManager | None = None
         self._load_error: str | None = None
         self._loading: Future[None] = self._executor.submit(self._load)
@@ -149,14 +155,23 @@ class DiffusionEngine:
         """Run a batch on the pipeline thread; one result per job, in order."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, list(jobs))
 
-    def run_batch(self, jobs: list[GenerationJob]) -> list[GenerationResult]:
+    def run_batch(self, jobs: list[GenerationJob], tickets: dict[int, StreamTicket] | None = None) -> list[GenerationResult]:
+        """Run jobs (in arrival order) as grouped pipeline calls; one result per job.
+
+        `tickets` (job index → StreamTicket) marks streaming jobs: they get partial images and
+        can be cancelled mid-call."""
+        self._tickets = tickets or {}
         results = [GenerationResult(request_id=job.request_id) for job in jobs]
         if self._loaded is None or self.loras is None:
             for result in results:
                 result.error = self._load_error or "the model is not loaded"
             return results
         adapters = self._resolve_adapters(jobs, results)
-        runnable = [index for index, result in enumerate(results) if result.error is None]
+        runnable = [
+            index
+            for index, result in enumerate(results)
+            if result.error is None and not (index in self._tickets and self._tickets[index].cancelled.is_set())
+        ]
         for call in group_compatible_jobs([jobs[index] for index in runnable], self.settings.max_batch_size):
             call.images = [(runnable[job], image) for job, image in call.images]
             self._run_call_isolating_failures(jobs, call, results, adapters)
@@ -178,6 +193,58 @@ class DiffusionEngine:
                 results[index].error = error.message
                 results[index].error_status, results[index].error_param = 400, "lora_path"
         return adapters
+
+    # --- streaming -----------------------------------------------------------------------------
+
+    async def generate_stream(self, job: GenerationJob, partial_images: int) -> AsyncIterator[dict[str, Any]]:
+        """Events for one streaming job: `partial` images while it runs, then one `image` per
+        image and `done` (or one `error`). Streaming jobs waiting together run as one batch.
+        Closing the iterator cancels the job (dropped if it has not started; interrupted at the
+        next step if everyone in its pipeline call has gone)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        ticket = StreamTicket(job, partial_images, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        with self._stream_lock:
+            self._stream_pending.append(ticket)
+            self._streams[job.request_id] = ticket
+        loop.run_in_executor(self._executor, self._drain_streams)
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if event["kind"] in ("done", "error"):
+                    return
+        finally:
+            ticket.cancelled.set()
+            with self._stream_lock:
+                self._streams.pop(job.request_id, None)
+
+    def cancel_stream(self, request_id: str) -> bool:
+        """Cancel a streaming job whose client has gone (the API says so explicitly: closing a
+        BentoML stream early does not close its HTTP response). False if it is not streaming."""
+        with self._stream_lock:
+            ticket = self._streams.get(request_id)
+        if ticket is None:
+            return False
+        ticket.cancelled.set()
+        ticket.emit({"kind": "error", "result": {"request_id": request_id, "error": "cancelled by the client"}})
+        return True
+
+    def _drain_streams(self) -> None:
+        """On the pipeline thread: run every streaming job waiting now, as one batch."""
+        with self._stream_lock:
+            tickets = [ticket for ticket in self._stream_pending if not ticket.cancelled.is_set()]
+            self._stream_pending.clear()
+        if not tickets:
+            return
+        results = self.run_batch([ticket.job for ticket in tickets], dict(enumerate(tickets)))
+        for ticket, result in zip(tickets, results):
+            if result.error:
+                ticket.emit({"kind": "error", "result": result.model_dump(exclude={"images_b64"})})
+                continue
+            for index, image in enumerate(result.images_b64):
+                ticket.emit({"kind": "image", "image_index": index, "b64_json": image})
+            ticket.emit({"kind": "done", "result": result.model_dump(exclude={"images_b64"})})
 
     # --- adapters (admin) ----------------------------------------------------------------------
 
@@ -270,6 +337,10 @@ class DiffusionEngine:
             "output_type": "pil",
         }
         arguments.update(self._mode_arguments(jobs, call))
+        call_tickets = {job: self._tickets[job] for job in call.job_indices if job in self._tickets}
+        if call_tickets:
+            arguments["callback_on_step_end"] = StepPreviews(call.images, call_tickets)
+            arguments["callback_on_step_end_tensor_inputs"] = ["latents"]
         started_at = time.time()
         started = time.perf_counter()
         output = pipe(**arguments)

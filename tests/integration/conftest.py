@@ -35,6 +35,12 @@ class EngineClient:
     async def manage_loras(self, command: LoraCommand) -> LoraReply:
         return await self.engine.manage_loras(command)
 
+    def generate_stream(self, job: GenerationJob, partial_images: int):
+        return self.engine.generate_stream(job, partial_images)
+
+    async def cancel_stream(self, request_id: str) -> bool:
+        return self.engine.cancel_stream(request_id)
+
 
 @pytest.fixture(scope="session")
 def engine(tiny_sd_dir, tmp_path_factory):

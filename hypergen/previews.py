@@ -1,0 +1,93 @@
+"""Streaming support in the worker: partial images from intermediate latents, and cancellation.
+
+A `StreamTicket` follows one streaming job through the pipeline thread. `StepPreviews` is the
+pipeline's `callback_on_step_end` for one call: at evenly spaced steps it decodes the latents of
+the images whose requests asked for partial images (with the model's own VAE) and hands them to
+each ticket; when every request in the call has gone away it interrupts the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .encoding import encode_image_b64
+from .protocol import GenerationJob
+
+logger = logging.getLogger("hypergen.previews")
+
+
+@dataclass
+class StreamTicket:
+    job: GenerationJob
+    partial_images: int
+    emit: Callable[[dict[str, Any]], None]  # thread-safe: called from the pipeline thread
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def preview_steps(total_steps: int, partial_images: int) -> set[int]:
+    """Step indices (0-based) after which partial image 0..k-1 are sent: evenly spaced, never
+    the last step (the final image follows it). `preview_steps(20, 3)` → {4, 9, 14}."""
+    if partial_images <= 0 or total_steps < 2:
+        return set()
+    count = min(partial_images, total_steps - 1)
+    return {max(0, round((index + 1) * total_steps / (count + 1)) - 1) for index in range(count)}
+
+
+class StepPreviews:
+    """`callback_on_step_end` for one pipeline call (see the module docstring)."""
+
+    def __init__(self, images: list[tuple[int, int]], tickets: dict[int, StreamTicket]) -> None:
+        self.images = images  # (job index, image index) per batch position
+        self.tickets = tickets  # job index → ticket, for the streaming jobs of this call
+        self.sent: dict[int, int] = {}
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self.tickets and len(self.tickets) == len({job for job, _ in self.images}):
+            if all(ticket.cancelled.is_set() for ticket in self.tickets.values()):
+                if not getattr(pipe, "_interrupt", False):
+                    logger.info("interrupting a pipeline call at step %d: every request in it has gone", step)
+                pipe._interrupt = True  # stop at the next step
+                return kwargs
+        total = int(getattr(pipe, "num_timesteps", 0) or 0)
+        due = [
+            (job, ticket)
+            for job, ticket in self.tickets.items()
+            if not ticket.cancelled.is_set() and step in preview_steps(total, ticket.partial_images)
+        ]
+        if due:
+            self._send(pipe, kwargs["latents"], due)
+        return kwargs
+
+    def _send(self, pipe: Any, latents: Any, due: list[tuple[int, StreamTicket]]) -> None:
+        import torch
+
+        wanted = {job for job, _ in due}
+        positions = [position for position, (job, _) in enumerate(self.images) if job in wanted]
+        with torch.no_grad():
+            images = decode_latents(pipe, latents[positions])
+        for position, image in zip(positions, images):
+            job_index, image_index = self.images[position]
+            ticket = self.tickets[job_index]
+            partial_index = self.sent.get(job_index * 1000 + image_index, 0)
+            self.sent[job_index * 1000 + image_index] = partial_index + 1
+            ticket.emit(
+                {
+                    "kind": "partial",
+                    "image_index": image_index,
+                    "partial_image_index": partial_index,
+                    "b64_json": encode_image_b64(image, ticket.job.output_format, ticket.job.output_compression),
+                }
+            )
+
+
+def decode_latents(pipe: Any, latents: Any) -> list[Any]:
+    """Latents → PIL images with the pipeline's VAE (the preview path; no safety checker)."""
+    vae = pipe.vae
+    scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):
+        scaled = scaled + vae.config.shift_factor
+    decoded = vae.decode(scaled, return_dict=False)[0]
+    return pipe.image_processor.postprocess(decoded, output_type="pil")

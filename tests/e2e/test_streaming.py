@@ -1,0 +1,38 @@
+"""Streaming through `bentoml serve` with the official client."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_stream_partials_then_the_final_image_equal_to_the_non_streamed_one(client):
+    extra = {"seed": 9, "num_inference_steps": 8}
+    events = list(client.images.generate(prompt="a moon", size="64x64", stream=True, partial_images=3, extra_body=extra))
+    plain = client.images.generate(prompt="a moon", size="64x64", response_format="b64_json", extra_body=extra)
+    assert [event.type for event in events] == ["image_generation.partial_image"] * 3 + ["image_generation.completed"]
+    assert [event.partial_image_index for event in events[:3]] == [0, 1, 2]
+    assert events[-1].b64_json == plain.data[0].b64_json
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(default_server):
+    url = f"{default_server.base_url}/v1/images/generations"
+    body = {"prompt": "long", "size": "64x64", "stream": True, "partial_images": 3, "num_inference_steps": 150, "seed": 2}
+    with httpx.Client(timeout=120) as http:
+        with http.stream("POST", url, json=body) as response:
+            for line in response.iter_lines():
+                if "partial_image" in line:
+                    break  # leave after the first partial image
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{default_server.base_url}/health").json()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(f"{default_server.base_url}/health").json()["in_flight"] == 0
+        follow = http.post(url, json={"prompt": "next", "size": "64x64", "num_inference_steps": 2})
+        assert follow.status_code == 200
+    log = default_server.log()
+    assert "status=499" in log  # logged as abandoned by the client
+    assert "interrupting a pipeline call" in log  # the 150-step call stopped early

@@ -1,0 +1,114 @@
+"""Streaming (OpenAI image stream events over SSE) through the in-process app and a real engine."""
+
+import asyncio
+import base64
+import io
+import json
+
+import numpy as np
+from PIL import Image
+
+from hypergen.previews import preview_steps
+
+from .conftest import EngineClient, http, openai_client, run
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_preview_steps_are_evenly_spaced_and_never_the_last():
+    assert preview_steps(20, 3) == {4, 9, 14}
+    assert preview_steps(4, 3) == {0, 1, 2}
+    assert preview_steps(2, 3) == {0}
+    assert preview_steps(20, 0) == set() and preview_steps(1, 2) == set()
+
+
+def test_the_official_client_streams_partials_then_the_same_final_image(make_app, engine):
+    client = openai_client(make_app(EngineClient(engine)))
+    extra = {"seed": 5, "num_inference_steps": 6}
+
+    async def scenario():
+        stream = await client.images.generate(prompt="a star", size="64x64", stream=True, partial_images=2, extra_body=extra)
+        events = [event async for event in stream]
+        plain = await client.images.generate(prompt="a star", size="64x64", response_format="b64_json", extra_body=extra)
+        return events, plain
+
+    events, plain = run(scenario())
+    assert [event.type for event in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [event.partial_image_index for event in events[:2]] == [0, 1]
+    assert events[-1].b64_json == plain.data[0].b64_json
+    assert events[-1].usage is not None and events[-1].size == "auto" and events[-1].output_format == "png"
+    for event in events[:2]:
+        assert Image.open(io.BytesIO(base64.b64decode(event.b64_json))).size == (64, 64)
+
+
+def test_n_images_stream_with_their_index_and_edits_use_edit_events(make_app, engine):
+    app = make_app(EngineClient(engine))
+
+    async def scenario():
+        async with http(app) as client:
+            generated = await client.post(
+                "/v1/images/generations",
+                json={"prompt": "a", "n": 2, "stream": True, "partial_images": 1, "num_inference_steps": 4, "seed": 1},
+            )
+            edited = await client.post(
+                "/v1/images/edits",
+                data={"prompt": "b", "stream": "true", "partial_images": "1", "num_inference_steps": "4"},
+                files={"image": ("s.png", png(Image.new("RGB", (64, 64), (0, 90, 200))), "image/png")},
+            )
+            return generated, edited
+
+    generated, edited = run(scenario())
+    assert generated.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in generated.text.splitlines() if line.startswith("data: ")]
+    kinds = [(event["type"], event["image_index"]) for event in events]
+    assert sorted(kinds) == sorted(
+        [("image_generation.partial_image", 0), ("image_generation.partial_image", 1), ("image_generation.completed", 0), ("image_generation.completed", 1)]
+    )
+    edit_types = [json.loads(line[6:])["type"] for line in edited.text.splitlines() if line.startswith("data: ")]
+    assert edit_types == ["image_edit.partial_image", "image_edit.completed"]
+
+
+def test_a_failure_after_the_headers_is_an_error_event(make_app, engine):
+    app = make_app(EngineClient(engine))
+
+    async def scenario():
+        async with http(app) as client:
+            return await client.post(
+                "/v1/images/generations", json={"prompt": "a", "stream": True, "lora_path": "no-such-adapter", "num_inference_steps": 2}
+            )
+
+    response = run(scenario())
+    assert response.status_code == 200  # headers were sent before the worker found out
+    assert "event: error" in response.text and '"param":"lora_path"' in response.text
+
+
+def test_abandoned_streams_are_dropped_or_interrupted_and_free_their_slot(make_app, engine):
+    app = make_app(EngineClient(engine), max_batch_size=1)
+    serving = app.state.serving
+
+    async def scenario():
+        async with http(app) as client:
+            async def abandon():
+                async with client.stream(
+                    "POST", "/v1/images/generations",
+                    json={"prompt": "long", "stream": True, "partial_images": 3, "num_inference_steps": 150, "seed": 1},
+                ) as response:  # fmt: skip
+                    async for line in response.aiter_lines():
+                        if "partial_image" in line:
+                            return  # leave mid-generation, closing the stream
+
+            await asyncio.wait_for(abandon(), 120)
+            await asyncio.sleep(0.1)
+            in_flight_after = serving.queue.in_flight
+            follow = await asyncio.wait_for(
+                client.post("/v1/images/generations", json={"prompt": "next", "num_inference_steps": 2}), 120
+            )
+            return in_flight_after, follow
+
+    in_flight_after, follow = run(scenario())
+    assert in_flight_after == 0
+    assert follow.status_code == 200
