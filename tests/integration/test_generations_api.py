@@ -45,7 +45,6 @@ class ScriptedWorker:
         ({"n": 1}, "prompt", "Missing required parameter"),
         ({"prompt": ["a", "b"]}, "prompt", "non-empty string"),
         ({"prompt": "a", "n": "two"}, "n", "1 to 10"),
-        ({"prompt": "a", "stream": True}, "stream", "not supported"),
     ],
 )
 def test_bad_parameters_are_400_naming_the_field(make_app, body, param, fragment):

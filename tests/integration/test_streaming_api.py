@@ -112,3 +112,18 @@ def test_abandoned_streams_are_dropped_or_interrupted_and_free_their_slot(make_a
     in_flight_after, follow = run(scenario())
     assert in_flight_after == 0
     assert follow.status_code == 200
+
+
+def test_variations_cannot_stream(make_app, engine):
+    app = make_app(EngineClient(engine))
+
+    async def scenario():
+        async with http(app) as client:
+            return await client.post(
+                "/v1/images/variations",
+                data={"stream": "true"},
+                files={"image": ("s.png", png(Image.new("RGB", (64, 64))), "image/png")},
+            )
+
+    response = run(scenario())
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stream"
