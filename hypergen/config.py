@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     max_upload_pixels: int = Field(default=4096 * 4096, gt=0, description="pixels per uploaded image")
     device: str | None = Field(default=None, description="torch device; unset = cuda if available, else cpu")
+    inpaint_model: str | None = Field(default=None, description="dedicated inpainting checkpoint used for masks")
     loras: str | None = Field(default=None, description="adapters loaded at start: name=path_or_id[:scale],...")
     lora_dirs: str | None = Field(default=None, description="directories lora_path may load from (comma-separated)")
     max_loras: int = Field(default=8, ge=1, description="adapters kept loaded (LRU; start-up ones pinned)")

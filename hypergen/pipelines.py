@@ -101,6 +101,15 @@ def load_text_to_image(name: str, source: str, device: str | None = None, random
     )
 
 
+def load_inpainting(source: str, device: str, dtype: Any) -> Any:
+    """A dedicated inpainting checkpoint (e.g. a 9-channel SD inpainting UNet): its own weights."""
+    from diffusers import AutoPipelineForInpainting
+
+    pipe = AutoPipelineForInpainting.from_pretrained(source, dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def derive_mode_pipelines(pipe: Any) -> dict[str, Any]:
     """Image-to-image and inpainting pipelines built with `from_pipe`: they reuse the loaded
     components (same tensors), so edits cost no second copy of the weights."""
@@ -210,15 +219,11 @@ def _scheduler() -> Any:
     )
 
 
-def build_tiny_sd_pipeline(seed: int = 0) -> Any:
-    """Stable-Diffusion-layout pipeline (UNet, VAE, one CLIP text encoder), 64×64 native."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+def _tiny_unet(**architecture: Any) -> Any:
+    """A two-level UNet on 32×32 latents (64×64 images with the tiny VAE)."""
+    from diffusers import UNet2DConditionModel
 
-    with tempfile.TemporaryDirectory() as work:
-        tokenizer, vocab_size = _char_tokenizer(Path(work))
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=32,
@@ -226,8 +231,19 @@ def build_tiny_sd_pipeline(seed: int = 0) -> Any:
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
+        **architecture,
     )
+
+
+def build_tiny_sd_pipeline(seed: int = 0) -> Any:
+    """Stable-Diffusion-layout pipeline (UNet, VAE, one CLIP text encoder), 64×64 native."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    with tempfile.TemporaryDirectory() as work:
+        tokenizer, vocab_size = _char_tokenizer(Path(work))
+    torch.manual_seed(seed)
+    unet = _tiny_unet(cross_attention_dim=32)
     vae = pixel_vae()
     text_encoder = CLIPTextModel(_text_config(vocab_size))
     return StableDiffusionPipeline(
@@ -242,22 +258,30 @@ def build_tiny_sd_pipeline(seed: int = 0) -> Any:
     )
 
 
+def build_tiny_sd_inpainting_pipeline(seed: int = 0) -> Any:
+    """A dedicated SD inpainting checkpoint: the UNet takes latents, mask and masked image (9 channels)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    base = build_tiny_sd_pipeline(seed)
+    config = dict(base.unet.config)
+    config["in_channels"] = 9
+    torch.manual_seed(seed)
+    unet = type(base.unet).from_config(config)
+    return StableDiffusionInpaintPipeline(
+        unet=unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, scheduler=base.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
 def build_tiny_sdxl_pipeline(seed: int = 0) -> Any:
     """SDXL-layout pipeline (two text encoders, text-time conditioning), 64×64 native."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     with tempfile.TemporaryDirectory() as work:
         tokenizer, vocab_size = _char_tokenizer(Path(work))
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _tiny_unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -281,7 +305,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> Any:
     )
 
 
-TINY_BUILDERS = {"sd": build_tiny_sd_pipeline, "sdxl": build_tiny_sdxl_pipeline}
+TINY_BUILDERS = {"sd": build_tiny_sd_pipeline, "sdxl": build_tiny_sdxl_pipeline, "sd-inpainting": build_tiny_sd_inpainting_pipeline}
 
 
 def save_tiny_pipeline(directory: str | os.PathLike[str], kind: str = "sd", seed: int = 0, **defaults: Any) -> Path:

@@ -26,6 +26,7 @@ from .errors import (
     timeout_error,
 )
 from .images import FittedUpload, default_size, fit_upload, open_upload, to_png_b64
+from .metrics import metrics
 from .protocol import (
     MAX_SEED,
     OPENAI_RESPONSE_SIZES,
@@ -45,7 +46,6 @@ from .protocol import (
     ModelList,
     WorkerStatus,
 )
-from .metrics import metrics
 from .queue import AdmissionQueue, QueueFull
 from .ratelimit import RateLimiter, parse_rate_limit
 from .store import ImageStore

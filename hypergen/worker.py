@@ -94,7 +94,7 @@ class DiffusionEngine:
     def _load(self) -> None:
         import torch
 
-        from .pipelines import load_text_to_image
+        from .pipelines import load_inpainting, load_text_to_image
 
         threads = int(os.environ.get("HYPERGEN_TORCH_THREADS", "0")) or os.cpu_count() or 1
         torch.set_num_threads(threads)
@@ -103,6 +103,10 @@ class DiffusionEngine:
             self._loaded = load_text_to_image(
                 self.settings.served_model_name, source, self.settings.device, random_weights=embedded
             )
+            if self.settings.inpaint_model:
+                loaded = self._loaded
+                loaded.modes["inpainting"] = load_inpainting(self.settings.inpaint_model, loaded.device, loaded.dtype)
+                logger.info("inpainting uses the dedicated checkpoint %s", self.settings.inpaint_model)
         except Exception as error:  # reported through /health; the worker stays up to say why
             self._load_error = f"{type(error).__name__}: {error}"
             logger.exception("loading the model failed")
@@ -185,6 +189,10 @@ class DiffusionEngine:
         in_use: set[str] = set()
         for index, job in enumerate(jobs):
             if job.lora_path is None:
+                continue
+            if job.mode == "inpainting" and self.settings.inpaint_model:
+                results[index].error = "LoRA adapters do not apply to the dedicated inpainting model (HYPERGEN_INPAINT_MODEL)."
+                results[index].error_status, results[index].error_param = 400, "lora_path"
                 continue
             try:
                 adapters[index] = self.loras.resolve(job.lora_path, protect=in_use)

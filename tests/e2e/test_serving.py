@@ -11,7 +11,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from openai import OpenAI
 from PIL import Image
 
 from .conftest import URL_TTL_S

@@ -42,17 +42,21 @@ class EngineClient:
         return self.engine.cancel_stream(request_id)
 
 
-@pytest.fixture(scope="session")
-def engine(tiny_sd_dir, tmp_path_factory):
+def start_engine(settings: Settings, model_path) -> "DiffusionEngine":  # noqa: F821
+    """A DiffusionEngine on `model_path`, once it reports ready (start-up LoRAs included)."""
     from hypergen.worker import DiffusionEngine
 
-    settings = Settings(model=str(tiny_sd_dir), home=tmp_path_factory.mktemp("engine-home"))
-    engine = DiffusionEngine(settings, model_path=str(tiny_sd_dir))
+    engine = DiffusionEngine(settings, model_path=str(model_path))
     deadline = time.monotonic() + 120
     while not engine.status().ready:
         assert time.monotonic() < deadline, engine.status().detail
         time.sleep(0.05)
     return engine
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_sd_dir, tmp_path_factory):
+    return start_engine(Settings(model=str(tiny_sd_dir), home=tmp_path_factory.mktemp("engine-home")), tiny_sd_dir)
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Edits (image-to-image, inpainting) and variations through the in-process app and a real engine."""
 
-import asyncio
 import base64
 import io
 
@@ -9,7 +8,7 @@ import openai
 import pytest
 from PIL import Image
 
-from .conftest import EngineClient, http, openai_client, run
+from .conftest import EngineClient, http, openai_client, run, start_engine
 
 
 def png(image: Image.Image, format: str = "PNG") -> bytes:
@@ -161,3 +160,28 @@ def test_edit_pipelines_share_the_loaded_weights(engine):
         for name in ("unet", "vae", "text_encoder"):
             assert getattr(derived, name) is getattr(base, name)
     assert engine.status().models[0].modes == ["text-to-image", "image-to-image", "inpainting"]
+
+
+def test_a_dedicated_inpainting_checkpoint_is_used_for_masks(tiny_sd_dir, tmp_path):
+    from hypergen.config import Settings
+    from hypergen.pipelines import save_tiny_pipeline
+    from hypergen.protocol import GenerationJob
+
+    inpainting_dir = save_tiny_pipeline(tmp_path / "tiny-inpainting", kind="sd-inpainting", seed=3)
+    engine = start_engine(Settings(home=tmp_path, inpaint_model=str(inpainting_dir)), tiny_sd_dir)
+    inpainting = engine._loaded.modes["inpainting"]
+    assert inpainting.unet.config.in_channels == 9 and inpainting.unet is not engine._loaded.pipe.unet
+    from hypergen.images import mask_from_alpha, to_png_b64
+
+    job = GenerationJob(
+        request_id="i", model="m", prompt="moon", width=64, height=64, num_inference_steps=4, guidance_scale=7.5,
+        seeds=[1], mode="inpainting", strength=1.0, image_b64=to_png_b64(scene()),
+        mask_b64=to_png_b64(mask_from_alpha(right_half_mask())), admitted_at=0.0,
+    )  # fmt: skip
+    result = engine.run_batch([job])[0]
+    assert result.error is None
+    output = np.asarray(Image.open(io.BytesIO(base64.b64decode(result.images_b64[0]))).convert("RGB"), dtype=np.int16)
+    difference = np.abs(output - np.asarray(scene(), dtype=np.int16))
+    assert difference[:, :32].max() == 0 and difference[:, 32:].mean() > 20
+    with_lora = engine.run_batch([job.model_copy(update={"lora_path": "any"})])[0]
+    assert with_lora.error_status == 400 and with_lora.error_param == "lora_path"

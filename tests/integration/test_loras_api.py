@@ -1,6 +1,5 @@
 """LoRA adapters on a real tiny pipeline: start-up, per request, admin API, isolation, LRU."""
 
-import asyncio
 import base64
 import io
 import time
@@ -14,7 +13,7 @@ from hypergen.config import Settings
 from hypergen.protocol import GenerationJob
 from hypergen.testing import save_random_lora
 
-from .conftest import EngineClient, http, openai_client, run
+from .conftest import EngineClient, http, openai_client, run, start_engine
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +30,12 @@ def lora_dirs(tiny_sd_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_engine(tiny_sd_dir, lora_dirs, tmp_path_factory):
-    from hypergen.worker import DiffusionEngine
-
     allowed, _ = lora_dirs
     settings = Settings(
         home=tmp_path_factory.mktemp("lora-home"), loras=f"style={allowed / 'style'}:0.8",
         lora_dirs=str(allowed), max_loras=3,
     )  # fmt: skip
-    engine = DiffusionEngine(settings, model_path=str(tiny_sd_dir))
-    deadline = time.monotonic() + 120
-    while not engine.status().ready:
-        assert time.monotonic() < deadline, engine.status().detail
-        time.sleep(0.05)
-    return engine
+    return start_engine(settings, tiny_sd_dir)
 
 
 @pytest.fixture

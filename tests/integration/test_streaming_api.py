@@ -5,7 +5,6 @@ import base64
 import io
 import json
 
-import numpy as np
 from PIL import Image
 
 from hypergen.previews import preview_steps
