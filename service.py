@@ -41,9 +41,11 @@ class DiffusionWorker:
         return await self.engine.generate(jobs)
 
     @bentoml.api
-    async def generate_stream(self, job: GenerationJob, partial_images: int = 0) -> AsyncGenerator[str, None]:
+    async def generate_stream(
+        self, job: GenerationJob, partial_images: int = 0, progress: bool = False
+    ) -> AsyncGenerator[str, None]:
         # JSON lines: chunks may merge or split between services, the API side reassembles lines.
-        async for event in self.engine.generate_stream(job, partial_images):
+        async for event in self.engine.generate_stream(job, partial_images, progress):
             yield json.dumps(event) + "\n"
 
     @bentoml.api

@@ -24,6 +24,7 @@ class StreamTicket:
     job: GenerationJob
     partial_images: int
     emit: Callable[[dict[str, Any]], None]  # thread-safe: called from the pipeline thread
+    progress: bool = False  # also a `progress` event after every step
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -52,6 +53,9 @@ class StepPreviews:
                 pipe._interrupt = True  # stop at the next step
                 return kwargs
         total = int(getattr(pipe, "num_timesteps", 0) or 0)
+        for ticket in self.tickets.values():
+            if ticket.progress and not ticket.cancelled.is_set():
+                ticket.emit({"kind": "progress", "step": step + 1, "total_steps": total})
         due = [
             (job, ticket)
             for job, ticket in self.tickets.items()

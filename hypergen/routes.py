@@ -11,17 +11,18 @@ import hashlib
 import re
 import time
 import uuid
+from contextlib import aclosing
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .auth import ApiKeyAuth
-from .errors import OpenAIError, error_response, install_error_handlers
+from .errors import OpenAIError, error_response, install_error_handlers, validation_error_to_openai
 from .metrics import metrics
 from .protocol import (
     ALLOWED,
@@ -268,6 +269,29 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         if len(uploads) > 1:
             raise OpenAIError(400, "Send exactly one 'image' for variations.", param="image", code="invalid_value")
         return respond(await images.vary(body, uploads[0], request.state.request_id, str(request.base_url)), response)
+
+    @app.websocket("/v1/images/ws")
+    async def image_socket(websocket: WebSocket) -> None:
+        """Send one generation request as JSON; receive `queued`, `started`, `progress` per step,
+        partial images, `image_generation.completed` per image (or an `error` object), then the
+        socket closes. Auth: the same `Authorization: Bearer` header."""
+        await websocket.accept()
+        request_id = websocket.scope.get("state", {}).get("request_id") or f"req_{uuid.uuid4().hex}"
+        try:
+            websocket.app.state.auth.check(websocket.headers.get("authorization"))
+            body = ImageGenerationRequest.model_validate(await websocket.receive_json())
+            async with aclosing(websocket.app.state.serving.socket_events(body, request_id)) as events:
+                async for event in events:
+                    await websocket.send_json(event)
+        except WebSocketDisconnect:
+            return  # the generator was closed above: the worker drops or interrupts the job
+        except OpenAIError as error:
+            await websocket.send_json({"type": "error", **error.body()})
+        except ValidationError as error:
+            await websocket.send_json({"type": "error", **validation_error_to_openai(error, ALLOWED).body()})
+        except ValueError:
+            await websocket.send_json({"type": "error", "error": {"message": "Send the request as one JSON object.", "type": "invalid_request_error", "param": None, "code": "invalid_json"}})
+        await websocket.close()
 
     @app.get("/v1/loras")
     async def list_loras(_key: str | None = Depends(authorized), images: ImageServing = Depends(serving)) -> dict[str, Any]:

@@ -107,12 +107,14 @@ class BentoWorkerClient:
     async def cancel_stream(self, request_id: str) -> bool:
         return bool(await self._worker.to_async.cancel_stream(request_id=request_id))
 
-    async def generate_stream(self, job: GenerationJob, partial_images: int) -> AsyncIterator[dict[str, Any]]:
+    async def generate_stream(
+        self, job: GenerationJob, partial_images: int, progress: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
         """The worker's JSON-lines stream, reassembled into events (chunks may merge or split)."""
         buffer = ""
         # aclosing: leaving early must close the HTTP stream now, so the worker sees the
         # disconnect and cancels the job, not whenever the generator is garbage-collected.
-        async with aclosing(self._worker.to_async.generate_stream(job=job, partial_images=partial_images)) as stream:
+        async with aclosing(self._worker.to_async.generate_stream(job=job, partial_images=partial_images, progress=progress)) as stream:
             async for chunk in stream:
                 buffer += chunk if isinstance(chunk, str) else chunk.decode()
                 while "\n" in buffer:
@@ -372,29 +374,45 @@ class ImageServing:
 
     async def _serve_stream(self, job: GenerationJob, request: ImageRequestOptions, prefix: str) -> Served:
         """Admit now (a full queue is a plain 503, before any event), then stream the events."""
+        slot = await self._admit()
+        return self._sse(self.stream_events(job, request.partial_images or 0, prefix, slot)), ""
+
+    async def _admit(self) -> Any:
+        """Enter a queue slot (waiting FIFO); the caller must exit it. A full queue is a 503."""
         slot = self.queue.slot()
         try:
             await slot.__aenter__()
         except QueueFull:
             metrics().rejected.labels(reason="queue_full").inc()
             raise queue_full_error(self.settings.max_queue, retry_after=self._retry_after()) from None
-        return self._sse(job, request.partial_images or 0, prefix, slot), ""
+        return slot
 
-    async def _sse(self, job: GenerationJob, partial_images: int, prefix: str, slot: Any) -> AsyncIterator[str]:
-        """OpenAI's image stream: `<prefix>.partial_image` events, then `<prefix>.completed` per
-        image; a failure after the headers is an `error` event (the client raises APIError)."""
+    @staticmethod
+    async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+        async with aclosing(events) as stream:
+            async for event in stream:
+                yield sse(event["type"], event.get("body", event))
+
+    async def stream_events(
+        self, job: GenerationJob, partial_images: int, prefix: str, slot: Any, progress: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A streaming job's events, holding its queue slot: `<prefix>.partial_image`, then
+        `<prefix>.completed` per image (with `progress` also `progress` per step); a failure is
+        an `error` event. Closing the iterator early cancels the job in the worker."""
         started = time.perf_counter()
         result: GenerationResult | None = None
         status = 500
         try:
             async with asyncio.timeout(self.settings.request_timeout), aclosing(
-                self.worker.generate_stream(job, partial_images)
+                self.worker.generate_stream(job, partial_images, progress)
             ) as events:
                 async for event in events:
                     if event["kind"] == "partial":
-                        yield sse(f"{prefix}.partial_image", stream_event(f"{prefix}.partial_image", job, event))
+                        yield {"type": f"{prefix}.partial_image", "body": stream_event(f"{prefix}.partial_image", job, event)}
                     elif event["kind"] == "image":
-                        yield sse(f"{prefix}.completed", stream_event(f"{prefix}.completed", job, event))
+                        yield {"type": f"{prefix}.completed", "body": stream_event(f"{prefix}.completed", job, event)}
+                    elif event["kind"] == "progress":
+                        yield {"type": "progress", "step": event["step"], "total_steps": event["total_steps"]}
                     elif event["kind"] == "done":
                         result, status = GenerationResult.model_validate(event["result"]), 200
                     else:
@@ -406,11 +424,11 @@ class ImageServing:
                             if failed.error_status == 400
                             else generation_failed(job.request_id)
                         )
-                        yield sse("error", error.body())
+                        yield {"type": "error", "body": error.body()}
         except TimeoutError:
             status = 504
-            yield sse("error", timeout_error(self.settings.request_timeout).body())
-        except asyncio.CancelledError:
+            yield {"type": "error", "body": timeout_error(self.settings.request_timeout).body()}
+        except (asyncio.CancelledError, GeneratorExit):
             status = 499  # the client went away: tell the worker to drop or interrupt the job
             task = asyncio.get_running_loop().create_task(self.worker.cancel_stream(job.request_id))
             self._background.add(task)
@@ -419,6 +437,22 @@ class ImageServing:
         finally:
             await slot.__aexit__(None, None, None)
             self._log_request(job, status, started, result)
+
+    async def socket_events(self, request: ImageGenerationRequest, request_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The WebSocket protocol: `queued` (with the queue depth ahead), `started`, `progress`
+        per step, partial images, `image_generation.completed` per image, or `error`."""
+        limits = self._resolve_model(request.model, await self.ready_models())
+        try:
+            width, height = limits.resolve_size(request.size)
+        except ValueError as error:
+            raise invalid_value("size", f"Invalid 'size': {error}.") from None
+        job = self._build_job(request, limits, request_id, request.prompt, request.negative_prompt, (width, height))
+        yield {"type": "queued", "request_id": request_id, "queue_depth": self.queue.depth, "in_flight": self.queue.in_flight}
+        slot = await self._admit()
+        yield {"type": "started", "request_id": request_id, "total_steps": job.num_inference_steps}
+        async with aclosing(self.stream_events(job, request.partial_images or 0, "image_generation", slot, progress=True)) as events:
+            async for event in events:
+                yield {"type": event["type"], **event["body"]} if "body" in event else event
 
     async def _serve(self, job: GenerationJob, request: ImageRequestOptions, base_url: str) -> Served:
         started = time.perf_counter()

@@ -204,14 +204,16 @@ class DiffusionEngine:
 
     # --- streaming -----------------------------------------------------------------------------
 
-    async def generate_stream(self, job: GenerationJob, partial_images: int) -> AsyncIterator[dict[str, Any]]:
+    async def generate_stream(
+        self, job: GenerationJob, partial_images: int, progress: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
         """Events for one streaming job: `partial` images while it runs, then one `image` per
         image and `done` (or one `error`). Streaming jobs waiting together run as one batch.
         Closing the iterator cancels the job (dropped if it has not started; interrupted at the
         next step if everyone in its pipeline call has gone)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        ticket = StreamTicket(job, partial_images, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        ticket = StreamTicket(job, partial_images, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), progress)
         with self._stream_lock:
             self._stream_pending.append(ticket)
             self._streams[job.request_id] = ticket

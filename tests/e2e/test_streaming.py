@@ -36,3 +36,17 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(default_server):
     log = default_server.log()
     assert "status=499" in log  # logged as abandoned by the client
     assert "interrupting a pipeline call" in log  # the 150-step call stopped early
+
+
+def test_websocket_progress_through_bentoml_serve(default_server):
+    from httpx_ws import connect_ws
+
+    url = default_server.base_url.replace("http://", "ws://") + "/v1/images/ws"
+    with httpx.Client(timeout=60) as http, connect_ws(url, http) as socket:
+        socket.send_json({"prompt": "a sun", "size": "64x64", "partial_images": 1, "num_inference_steps": 5, "seed": 3})
+        events = []
+        while not events or events[-1]["type"] not in ("image_generation.completed", "error"):
+            events.append(socket.receive_json())
+    steps = [event["step"] for event in events if event["type"] == "progress"]
+    assert [event["type"] for event in events[:2]] == ["queued", "started"]
+    assert steps == [1, 2, 3, 4, 5] and events[-1]["type"] == "image_generation.completed"

@@ -35,8 +35,8 @@ class EngineClient:
     async def manage_loras(self, command: LoraCommand) -> LoraReply:
         return await self.engine.manage_loras(command)
 
-    def generate_stream(self, job: GenerationJob, partial_images: int):
-        return self.engine.generate_stream(job, partial_images)
+    def generate_stream(self, job: GenerationJob, partial_images: int, progress: bool = False):
+        return self.engine.generate_stream(job, partial_images, progress)
 
     async def cancel_stream(self, request_id: str) -> bool:
         return self.engine.cancel_stream(request_id)

@@ -126,3 +126,36 @@ def test_variations_cannot_stream(make_app, engine):
 
     response = run(scenario())
     assert response.status_code == 400 and response.json()["error"]["param"] == "stream"
+
+
+def test_websocket_sends_queue_state_monotonic_progress_partials_and_the_result(make_app, engine):
+    from starlette.testclient import TestClient
+
+    app = make_app(EngineClient(engine))
+    request = {"prompt": "a star", "size": "64x64", "partial_images": 2, "num_inference_steps": 6, "seed": 5}
+    with TestClient(app) as client, client.websocket_connect("/v1/images/ws") as socket:
+        socket.send_json(request)
+        events = []
+        while not events or events[-1]["type"] not in ("image_generation.completed", "error"):
+            events.append(socket.receive_json())
+    kinds = [event["type"] for event in events]
+    assert kinds[:2] == ["queued", "started"] and kinds[-1] == "image_generation.completed"
+    steps = [event["step"] for event in events if event["type"] == "progress"]
+    assert steps == sorted(steps) and steps[-1] == events[1]["total_steps"] == 6
+    assert kinds.count("image_generation.partial_image") == 2
+    plain = run(openai_client(app).images.generate(prompt="a star", size="64x64", response_format="b64_json", extra_body={"seed": 5, "num_inference_steps": 6}))
+    assert events[-1]["b64_json"] == plain.data[0].b64_json
+
+
+def test_websocket_errors_are_openai_error_objects(make_app, engine):
+    from starlette.testclient import TestClient
+
+    app = make_app(EngineClient(engine), api_keys=["k1"])
+    with TestClient(app) as client:
+        with client.websocket_connect("/v1/images/ws") as socket:
+            socket.send_json({"prompt": "a"})
+            assert socket.receive_json()["error"]["code"] == "missing_api_key"
+        with client.websocket_connect("/v1/images/ws", headers={"Authorization": "Bearer k1"}) as socket:
+            socket.send_json({"prompt": "a", "n": 99})
+            error = socket.receive_json()
+            assert error["type"] == "error" and error["error"]["param"] == "n"
