@@ -191,6 +191,10 @@ class ImageServing:
             status = await asyncio.wait_for(self.worker.status(), STATUS_CALL_TIMEOUT_S)
         except Exception as error:  # the worker process is starting, restarting or gone
             status = WorkerStatus(ready=False, detail=f"the diffusion worker is not reachable yet ({type(error).__name__})")
+        if not status.ready and self.warmed_up and self._warm_up is not None:
+            # The worker went away (BentoML restarts it): its new batcher needs warming again.
+            logger.warning("the diffusion worker is not ready any more: %s", status.detail)
+            self.warmed_up, self._warm_up = False, None
         if status.ready and not self.warmed_up:
             if self._warm_up is None:
                 self._warm_up = asyncio.create_task(self._warm_up_batcher(status.models[0]))
@@ -526,6 +530,7 @@ class ImageServing:
             raise
         except Exception:
             logger.exception("request %s: calling the diffusion worker failed", job.request_id)
+            self._status = None  # ask again: the worker may have died
             raise generation_failed(job.request_id) from None
         result = results[0]
         if result.error and result.error_status == 400:
