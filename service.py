@@ -10,7 +10,7 @@ from typing import AsyncGenerator
 
 import bentoml
 
-from hypergen.bento import lora_references, model_reference, worker_batching
+from hypergen.bento import extra_references, model_reference, worker_batching
 from hypergen.config import load_settings
 from hypergen.logs import configure_logging
 from hypergen.protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerStatus
@@ -61,8 +61,8 @@ class DiffusionWorker:
         return await self.engine.manage_loras(command)
 
 
-# Start-up adapters stored as BentoML models (`hypergen build --lora ...`) travel with the Bento.
-DiffusionWorker.models.extend(lora_references(settings))
+# Other models and start-up adapters stored as BentoML models travel with the Bento too.
+DiffusionWorker.models.extend(extra_references(settings))
 
 
 @bentoml.service(name="hypergen", traffic=TRAFFIC, workers=1)

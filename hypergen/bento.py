@@ -21,16 +21,18 @@ def model_reference(settings: Settings) -> Any:
     """
     import bentoml
 
-    if settings.model and is_bentoml_tag(settings.model):
-        return bentoml.models.BentoModel(settings.model)
+    source = settings.default_model_source
+    if source and is_bentoml_tag(source):
+        return bentoml.models.BentoModel(source)
     return None
 
 
-def lora_references(settings: Settings) -> list[Any]:
-    """BentoModel references for start-up adapters given as BentoML model tags."""
+def extra_references(settings: Settings) -> list[Any]:
+    """BentoModel references for the other models and the start-up adapters given as BentoML tags."""
     import bentoml
 
-    return [bentoml.models.BentoModel(spec.source) for spec in settings.lora_specs if is_bentoml_tag(spec.source)]
+    sources = [source for _, source in settings.extra_models] + [spec.source for spec in settings.lora_specs]
+    return [bentoml.models.BentoModel(source) for source in sources if is_bentoml_tag(source)]
 
 
 def worker_batching(settings: Settings) -> dict[str, int]:

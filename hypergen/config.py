@@ -28,6 +28,7 @@ class Settings(BaseSettings):
         description="diffusers model id, local directory or BentoML model tag; unset = embedded default",
     )
     model_name: str | None = Field(default=None, description="id shown in /v1/models")
+    models: str | None = Field(default=None, description="several models: name=path_or_id,...; the first is the default")
     request_timeout: float = Field(default=600.0, gt=0)
     api_keys: str | None = Field(default=None, description="comma-separated keys; unset = auth off")
     max_queue: int = Field(default=100, ge=0)
@@ -49,6 +50,12 @@ class Settings(BaseSettings):
     lora_dirs: str | None = Field(default=None, description="directories lora_path may load from (comma-separated)")
     max_loras: int = Field(default=8, ge=1, description="adapters kept loaded (LRU; start-up ones pinned)")
     rate_limit: str | None = Field(default=None, description="e.g. '60/minute,200 images/hour'; unset = off")
+
+    @field_validator("models")
+    @classmethod
+    def _models_parse(cls, value: str | None) -> str | None:
+        parse_model_specs(value or "")
+        return value
 
     @field_validator("loras")
     @classmethod
@@ -82,10 +89,26 @@ class Settings(BaseSettings):
         return [Path(part.strip()) for part in (self.lora_dirs or "").split(",") if part.strip()]
 
     @property
+    def extra_models(self) -> list[tuple[str, str]]:
+        """(name, source) of the models served beside the default one (HYPERGEN_MODELS)."""
+        return parse_model_specs(self.models or "")[1:]
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.served_model_name, *(name for name, _ in self.extra_models)]
+
+    @property
+    def default_model_source(self) -> str | None:
+        specs = parse_model_specs(self.models or "")
+        return specs[0][1] if specs else self.model
+
+    @property
     def served_model_name(self) -> str:
-        """The id clients see in `/v1/models` and send as `model`."""
+        """The id clients see in `/v1/models` and send as `model` (for the default model)."""
         if self.model_name:
             return self.model_name
+        if self.models:
+            return parse_model_specs(self.models)[0][0]
         if not self.model:
             return DEFAULT_MODEL_NAME
         source = self.model.rstrip("/")
@@ -134,6 +157,21 @@ def parse_lora_specs(text: str) -> list[LoraSpec]:
         if any(spec.name == name for spec in specs):
             raise ValueError(f"LoRA name '{name}' is given twice")
         specs.append(LoraSpec(name=name, source=source, scale=scale))
+    return specs
+
+
+def parse_model_specs(text: str) -> list[tuple[str, str]]:
+    """`"sd=/models/sd15,xl=stabilityai/sdxl-turbo"` → [(name, source), ...]; raises ValueError."""
+    specs: list[tuple[str, str]] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, separator, source = item.partition("=")
+        if not separator or not name.strip() or not source.strip():
+            raise ValueError(f"model '{item}' is not NAME=PATH_OR_ID")
+        if any(existing == name.strip() for existing, _ in specs):
+            raise ValueError(f"model name '{name.strip()}' is given twice")
+        specs.append((name.strip(), source.strip()))
     return specs
 
 

@@ -258,11 +258,11 @@ class ImageServing:
         return status.ready, body
 
     def model_list(self) -> ModelList:
-        return ModelList(data=[self.model_card(self.settings.served_model_name)])
+        return ModelList(data=[self.model_card(name) for name in self.settings.model_names])
 
     def model_card(self, model_id: str) -> ModelCard:
-        if model_id != self.settings.served_model_name:
-            raise model_not_found(model_id, [self.settings.served_model_name])
+        if model_id not in self.settings.model_names:
+            raise model_not_found(model_id, self.settings.model_names)
         return ModelCard(id=model_id, created=self.started)
 
     # --- LoRA adapters ---------------------------------------------------------------------------

@@ -49,6 +49,29 @@ def keep_unmasked(generated: Any, original: Any, mask: Any) -> Any:
     return Image.composite(generated.convert("RGB"), original.convert("RGB"), binary)
 
 
+def model_limits(loaded: Any) -> ModelLimits:
+    native_side = max(loaded.native_width, loaded.native_height)
+    return ModelLimits(
+        id=loaded.name,
+        native_width=loaded.native_width,
+        native_height=loaded.native_height,
+        min_side=min(64, native_side),
+        max_side=max(1024, 2 * native_side),
+        default_steps=loaded.default_steps,
+        default_guidance_scale=loaded.default_guidance_scale,
+        modes=list(loaded.modes),
+    )
+
+
+def locate_model(source: str) -> str:
+    """A BentoML model tag's directory in the store; paths and Hub ids as they are."""
+    if is_bentoml_tag(source):
+        import bentoml
+
+        return bentoml.models.get(source).path
+    return source
+
+
 def _looks_like_hub_id(source: str, allowed_dirs: list[Any]) -> bool:
     """`org/name` that is not a path under an allowed directory: left to diffusers' Hub loader."""
     import re
@@ -70,7 +93,8 @@ class DiffusionEngine:
         self._stream_pending: list[StreamTicket] = []
         self._streams: dict[str, StreamTicket] = {}  # request ID → ticket, while it streams
         self._stream_lock = threading.Lock()
-        self.loras: LoraManager | None = None
+        self.loras: LoraManager | None = None  # the default model's adapters
+        self._extra: dict[str, tuple[Any, LoraManager]] = {}  # HYPERGEN_MODELS beyond the first
         self._load_error: str | None = None
         self._loading: Future[None] = self._executor.submit(self._load)
 
@@ -82,14 +106,10 @@ class DiffusionEngine:
 
         if self._model_path:
             return self._model_path, False
-        source = self.settings.model
+        source = self.settings.default_model_source
         if not source:
             return str(embedded_default_path(self.settings.home)), True
-        if is_bentoml_tag(source):
-            import bentoml
-
-            return bentoml.models.get(source).path, False
-        return source, False
+        return locate_model(source), False
 
     def _load(self) -> None:
         import torch
@@ -120,7 +140,16 @@ class DiffusionEngine:
                 self._load_error = f"start-up LoRA '{spec.name}' failed to load: {error.message}"
                 logger.error("%s", self._load_error)
                 return
-        self.loras = loras  # ready only now: start-up adapters are part of being loaded
+        try:
+            for name, source in self.settings.extra_models:
+                extra = load_text_to_image(name, locate_model(source), self.settings.device)
+                self._extra[name] = (extra, LoraManager(extra.modes["text-to-image"], self.settings.lora_dir_list, self.settings.max_loras))
+                logger.info("model '%s' loaded from %s in %.2fs", name, source, extra.load_seconds)
+        except Exception as error:
+            self._load_error = f"{type(error).__name__}: {error}"
+            logger.exception("loading an additional model failed")
+            return
+        self.loras = loras  # ready only now: start-up adapters and every model are loaded
         logger.info(
             "model '%s' loaded from %s on %s (%s) in %.2fs; native size %dx%d, default %d steps%s",
             loaded.name,
@@ -140,18 +169,15 @@ class DiffusionEngine:
         loaded = self._loaded
         if loaded is None or self.loras is None:
             return WorkerStatus(ready=False, detail="loading the model")
-        native_side = max(loaded.native_width, loaded.native_height)
-        limits = ModelLimits(
-            id=loaded.name,
-            native_width=loaded.native_width,
-            native_height=loaded.native_height,
-            min_side=min(64, native_side),
-            max_side=max(1024, 2 * native_side),
-            default_steps=loaded.default_steps,
-            default_guidance_scale=loaded.default_guidance_scale,
-            modes=list(loaded.modes),
-        )
-        return WorkerStatus(ready=True, device=loaded.device, dtype=str(loaded.dtype).replace("torch.", ""), models=[limits])
+        models = [model_limits(loaded)] + [model_limits(extra) for extra, _ in self._extra.values()]
+        return WorkerStatus(ready=True, device=loaded.device, dtype=str(loaded.dtype).replace("torch.", ""), models=models)
+
+    def _model(self, name: str) -> tuple[Any, LoraManager]:
+        """The loaded pipeline and adapters of a served model (the API only sends known names)."""
+        if name in self._extra:
+            return self._extra[name]
+        assert self.loras is not None
+        return self._loaded, self.loras
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -190,12 +216,12 @@ class DiffusionEngine:
         for index, job in enumerate(jobs):
             if job.lora_path is None:
                 continue
-            if job.mode == "inpainting" and self.settings.inpaint_model:
+            if job.mode == "inpainting" and self.settings.inpaint_model and job.model not in self._extra:
                 results[index].error = "LoRA adapters do not apply to the dedicated inpainting model (HYPERGEN_INPAINT_MODEL)."
                 results[index].error_status, results[index].error_param = 400, "lora_path"
                 continue
             try:
-                adapters[index] = self.loras.resolve(job.lora_path, protect=in_use)
+                adapters[index] = self._model(job.model)[1].resolve(job.lora_path, protect=in_use)
                 in_use.add(adapters[index].name)
             except LoraError as error:
                 results[index].error = error.message
@@ -327,11 +353,11 @@ class DiffusionEngine:
     ) -> None:
         import torch
 
-        assert self.loras is not None
         first_index = call.images[0][0]
         first = jobs[first_index]
-        self.loras.activate(adapters.get(first_index), first.lora_scale)
-        pipe = self._loaded.modes.get(first.mode)
+        loaded, loras = self._model(first.model)
+        loras.activate(adapters.get(first_index), first.lora_scale)
+        pipe = loaded.modes.get(first.mode)
         if pipe is None:
             raise ValueError(f"model '{first.model}' cannot do {first.mode}")
         prompts = [jobs[job].prompt for job, _ in call.images]

@@ -128,3 +128,17 @@ def test_a_built_bento_carries_the_model_and_serves_it(start_server, bentoml_hom
     assert len(client.images.generate(prompt="a", size="64x64", extra_body={"num_inference_steps": 2}).data) == 1
     assert not (tmp_path / "empty-home" / "models").exists()
     server.stop()
+
+
+def test_several_models_in_one_server(start_server, tiny_sd_dir, tiny_sdxl_dir):
+    server = start_server({"HYPERGEN_MODELS": f"sd={tiny_sd_dir},xl={tiny_sdxl_dir}"})
+    health = server.wait_ready().json()
+    assert health["models"] == ["sd", "xl"] and health["model"] == "sd"
+    client = OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+    assert [model.id for model in client.models.list().data] == ["sd", "xl"]
+    for model in ("sd", "xl"):
+        response = client.images.generate(model=model, prompt="a", size="64x64", extra_body={"num_inference_steps": 2})
+        assert len(response.data) == 1
+    with pytest.raises(openai.NotFoundError):
+        client.images.generate(model="dall-e-3", prompt="a")
+    server.stop()

@@ -64,7 +64,7 @@ def make_app(tmp_path):
     """make_app(worker, api_keys=[...], **settings) → (app, settings)."""
 
     def build(worker, api_keys=(), max_body_bytes=1_000_000, warmed_up=True, **overrides):
-        settings = Settings(home=tmp_path, model_name="tiny", api_keys=",".join(api_keys) or None, **overrides)
+        settings = Settings(**{"home": tmp_path, "model_name": "tiny", "api_keys": ",".join(api_keys) or None, **overrides})
         app = create_app(max_body_bytes)
         app.state.auth = ApiKeyAuth(settings.api_key_list)
         app.state.serving = ImageServing(settings, worker)

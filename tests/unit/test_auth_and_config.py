@@ -38,3 +38,13 @@ def test_served_model_name_is_derived_from_the_source(monkeypatch):
     assert Settings(model="my-model:abc123").served_model_name == "my-model"
     assert Settings(model="x", model_name="pretty").served_model_name == "pretty"
     assert Settings(api_keys=" , ").api_key_list == []
+
+
+def test_several_models_parse_with_the_first_as_default():
+    settings = Settings(models="sd=/models/sd15, xl=stabilityai/sdxl-turbo")
+    assert settings.served_model_name == "sd" and settings.model_names == ["sd", "xl"]
+    assert settings.default_model_source == "/models/sd15"
+    assert settings.extra_models == [("xl", "stabilityai/sdxl-turbo")]
+    for bad in ("sd", "a=/x,a=/y", "=/x"):
+        with pytest.raises(ValueError):
+            Settings(models=bad)
