@@ -83,7 +83,7 @@ def bench_bare(model_dir: str, width: int, height: int, steps: int, batch_sizes:
         elapsed = time.perf_counter() - started
         out[f"batch_{batch}"] = {"images_per_s": batch * repeats / elapsed, "seconds_per_call": elapsed / repeats}
     out["sample_image"] = images[0]
-    del pipe, loaded
+    pipe = loaded = None  # free the weights before the servers load theirs
     gc.collect()
     return out
 
