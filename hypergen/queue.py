@@ -35,9 +35,18 @@ class AdmissionQueue:
         """Requests admitted and waiting for a dispatch slot."""
         return len(self._waiting)
 
+    def position(self, turn: "asyncio.Future[None] | None") -> int:
+        """1 for the next request to be dispatched; 0 once `turn` has its slot (or is unknown)."""
+        try:
+            return self._waiting.index(turn) + 1 if turn is not None else 0
+        except ValueError:
+            return 0
+
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Wait (FIFO) for a dispatch slot and hold it for the body of the `async with`."""
+    async def slot(self, on_wait: Callable[["asyncio.Future[None]"], None] | None = None) -> AsyncIterator[None]:
+        """Wait (FIFO) for a dispatch slot and hold it for the body of the `async with`.
+
+        `on_wait(turn)` is called if the request has to wait; `position(turn)` then tells where."""
         if self.in_flight < self.max_in_flight and not self._waiting:
             self.in_flight += 1
             self._changed()
@@ -47,6 +56,8 @@ class AdmissionQueue:
             turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiting.append(turn)
             self._changed()
+            if on_wait is not None:
+                on_wait(turn)
             try:
                 await turn
             except asyncio.CancelledError:

@@ -60,6 +60,7 @@ STATUS_CALL_TIMEOUT_S = 3.0
 # 10th and 11th requests waited ~840 ms at 20 steps). One-step warm-up calls spend that before
 # /health reports ready.
 BATCHER_WARMUP_CALLS = 12
+QUEUE_UPDATE_INTERVAL_S = 0.25
 # Variations have no prompt: an empty one lets the model vary the image freely (guidance then
 # has nothing to pull towards, so any guidance scale gives the same result).
 VARIATION_PROMPT = ""
@@ -179,6 +180,7 @@ class ImageServing:
         self._status_checked = 0.0
         self._warm_up: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._recent_call_s = 0.0  # moving average of pipeline-call durations, for wait estimates
         self.warmed_up = False
 
     # --- readiness and models --------------------------------------------------------------------
@@ -442,17 +444,46 @@ class ImageServing:
             await slot.__aexit__(None, None, None)
             self._log_request(job, status, started, result)
 
+    def _estimated_wait(self, position: int) -> float:
+        """Seconds until a request at `position` starts: the calls ahead of it (a batch each) and
+        the one running, at the recent pipeline-call duration."""
+        calls_ahead = -(-position // self.settings.max_batch_size) + (1 if self.queue.in_flight else 0)
+        return round(calls_ahead * self._recent_call_s, 2)
+
     async def socket_events(self, request: ImageGenerationRequest, request_id: str) -> AsyncIterator[dict[str, Any]]:
-        """The WebSocket protocol: `queued` (with the queue depth ahead), `started`, `progress`
-        per step, partial images, `image_generation.completed` per image, or `error`."""
+        """The WebSocket protocol: `queued` (position, estimated wait; again whenever the position
+        changes), `started`, `progress` per step, partial images, `image_generation.completed` per
+        image, or `error`."""
         limits = self._resolve_model(request.model, await self.ready_models())
         try:
             width, height = limits.resolve_size(request.size)
         except ValueError as error:
             raise invalid_value("size", f"Invalid 'size': {error}.") from None
         job = self._build_job(request, limits, request_id, request.prompt, request.negative_prompt, (width, height))
-        yield {"type": "queued", "request_id": request_id, "queue_depth": self.queue.depth, "in_flight": self.queue.in_flight}
-        slot = await self._admit()
+        turns: list[Any] = []
+        slot = self.queue.slot(on_wait=turns.append)
+        admission = asyncio.ensure_future(slot.__aenter__())
+        await asyncio.sleep(0)  # let it take a free slot or join the queue
+        last_position = None
+        try:
+            while last_position is None or not admission.done():
+                position = self.queue.position(turns[0]) if turns else 0
+                if position != last_position:
+                    wait_s = self._estimated_wait(position)
+                    yield {"type": "queued", "request_id": request_id, "position": position, "estimated_wait_s": wait_s}
+                    last_position = position
+                if not admission.done():
+                    await asyncio.wait({admission}, timeout=QUEUE_UPDATE_INTERVAL_S)
+        except BaseException:  # the client left while waiting: give the place or the slot back
+            if not admission.done():
+                admission.cancel()
+            elif admission.exception() is None:
+                await slot.__aexit__(None, None, None)
+            raise
+        if isinstance(admission.exception(), QueueFull):
+            metrics().rejected.labels(reason="queue_full").inc()
+            raise queue_full_error(self.settings.max_queue, retry_after=self._retry_after())
+        admission.result()
         yield {"type": "started", "request_id": request_id, "total_steps": job.num_inference_steps}
         async with aclosing(self.stream_events(job, request.partial_images or 0, "image_generation", slot, progress=True)) as events:
             async for event in events:
@@ -562,6 +593,8 @@ class ImageServing:
         )
 
     def _log_request(self, job: GenerationJob, status: int, started: float, result: GenerationResult | None) -> None:
+        if result is not None and result.generation_s > 0:
+            self._recent_call_s = result.generation_s if not self._recent_call_s else 0.8 * self._recent_call_s + 0.2 * result.generation_s
         logger.info(
             "request %s status=%d n=%d size=%dx%d steps=%d queue_wait=%.1fms generation=%.3fs batch_images=%d total=%.3fs",
             job.request_id,

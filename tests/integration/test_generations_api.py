@@ -288,3 +288,22 @@ def test_rate_limits_are_per_key_with_openai_headers(make_app):
     assert int(limited.response.headers["retry-after"]) >= 1 and limited.response.headers["x-ratelimit-remaining-requests"] == "0"
     assert budget.body["type"] == "images"
     assert len(other.data) == 3
+
+
+def test_output_format_and_compression_follow_openai(make_app, engine):
+    client = openai_client(make_app(EngineClient(engine)))
+
+    async def generate(**fields):
+        response = await client.images.generate(
+            prompt="a", size="64x64", response_format="b64_json", extra_body={"seed": 2, "num_inference_steps": 2}, **fields
+        )
+        return response, base64.b64decode(response.data[0].b64_json)
+
+    async def scenario():
+        return [await generate(output_format=fmt, output_compression=quality) for fmt, quality in (("jpeg", 95), ("jpeg", 10), ("webp", 80), ("png", 100))]
+
+    (jpeg, best), (_, worst), (webp, webp_bytes), (png_response, png_bytes) = run(scenario())
+    assert Image.open(io.BytesIO(best)).format == "JPEG" and jpeg.output_format == "jpeg"
+    assert len(worst) < len(best)  # output_compression is the quality of lossy formats
+    assert Image.open(io.BytesIO(webp_bytes)).format == "WEBP" and webp.output_format == "webp"
+    assert Image.open(io.BytesIO(png_bytes)).format == "PNG"

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import io
 import json
+import time
 
 from PIL import Image
 
@@ -140,6 +141,7 @@ def test_websocket_sends_queue_state_monotonic_progress_partials_and_the_result(
             events.append(socket.receive_json())
     kinds = [event["type"] for event in events]
     assert kinds[:2] == ["queued", "started"] and kinds[-1] == "image_generation.completed"
+    assert events[0]["position"] == 0  # nobody ahead
     steps = [event["step"] for event in events if event["type"] == "progress"]
     assert steps == sorted(steps) and steps[-1] == events[1]["total_steps"] == 6
     assert kinds.count("image_generation.partial_image") == 2
@@ -159,3 +161,30 @@ def test_websocket_errors_are_openai_error_objects(make_app, engine):
             socket.send_json({"prompt": "a", "n": 99})
             error = socket.receive_json()
             assert error["type"] == "error" and error["error"]["param"] == "n"
+
+
+def test_websocket_clients_see_their_queue_position_while_they_wait(make_app, engine):
+    from starlette.testclient import TestClient
+
+    class SlowWorker(EngineClient):
+        async def generate(self, jobs):
+            await asyncio.sleep(1.5)
+            return await super().generate(jobs)
+
+    app = make_app(SlowWorker(engine), max_batch_size=1)
+    with TestClient(app) as client:
+        import threading
+
+        blocker = threading.Thread(target=lambda: client.post("/v1/images/generations", json={"prompt": "first", "num_inference_steps": 1}))
+        blocker.start()
+        time.sleep(0.3)
+        with client.websocket_connect("/v1/images/ws") as socket:
+            socket.send_json({"prompt": "second", "num_inference_steps": 2})
+            events = []
+            while not events or events[-1]["type"] not in ("image_generation.completed", "error"):
+                events.append(socket.receive_json())
+        blocker.join()
+    queued = [event for event in events if event["type"] == "queued"]
+    assert [event["position"] for event in queued] == [1]  # then "started"
+    assert [event["type"] for event in events[:2]] == ["queued", "started"]
+    assert queued[0]["estimated_wait_s"] >= 0 and events[-1]["type"] == "image_generation.completed"
