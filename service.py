@@ -49,8 +49,8 @@ class DiffusionWorker:
             yield json.dumps(event) + "\n"
 
     @bentoml.api
-    async def cancel_stream(self, request_id: str) -> bool:
-        return self.engine.cancel_stream(request_id)
+    async def cancel(self, request_id: str) -> None:
+        self.engine.cancel(request_id)
 
     @bentoml.api
     async def status(self) -> WorkerStatus:

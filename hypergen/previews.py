@@ -1,9 +1,10 @@
 """Streaming support in the worker: partial images from intermediate latents, and cancellation.
 
 A `StreamTicket` follows one streaming job through the pipeline thread. `StepPreviews` is the
-pipeline's `callback_on_step_end` for one call: at evenly spaced steps it decodes the latents of
-the images whose requests asked for partial images (with the model's own VAE) and hands them to
-each ticket; when every request in the call has gone away it interrupts the call.
+pipeline's `callback_on_step_end` for every call: at evenly spaced steps it decodes the latents
+of the images whose requests asked for partial images (with the model's own VAE) and hands them
+to each ticket; when every request in the call has gone away (disconnected or timed out) it
+interrupts the call.
 """
 
 from __future__ import annotations
@@ -40,18 +41,24 @@ def preview_steps(total_steps: int, partial_images: int) -> set[int]:
 class StepPreviews:
     """`callback_on_step_end` for one pipeline call (see the module docstring)."""
 
-    def __init__(self, images: list[tuple[int, int]], tickets: dict[int, StreamTicket]) -> None:
+    def __init__(
+        self,
+        images: list[tuple[int, int]],
+        tickets: dict[int, StreamTicket],
+        is_cancelled: Callable[[int], bool] = lambda job: False,
+    ) -> None:
         self.images = images  # (job index, image index) per batch position
         self.tickets = tickets  # job index → ticket, for the streaming jobs of this call
+        self.is_cancelled = is_cancelled  # job index → whether its request has gone
+        self.jobs = sorted({job for job, _ in images})
         self.sent: dict[int, int] = {}
 
     def __call__(self, pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if self.tickets and len(self.tickets) == len({job for job, _ in self.images}):
-            if all(ticket.cancelled.is_set() for ticket in self.tickets.values()):
-                if not getattr(pipe, "_interrupt", False):
-                    logger.info("interrupting a pipeline call at step %d: every request in it has gone", step)
-                pipe._interrupt = True  # stop at the next step
-                return kwargs
+        if all(self.is_cancelled(job) for job in self.jobs):
+            if not getattr(pipe, "_interrupt", False):
+                logger.info("interrupting a pipeline call at step %d: every request in it has gone", step)
+            pipe._interrupt = True  # stop at the next step
+            return kwargs
         total = int(getattr(pipe, "num_timesteps", 0) or 0)
         for ticket in self.tickets.values():
             if ticket.progress and not ticket.cancelled.is_set():

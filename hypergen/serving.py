@@ -105,8 +105,8 @@ class BentoWorkerClient:
     async def manage_loras(self, command: LoraCommand) -> LoraReply:
         return LoraReply.model_validate(await self._worker.to_async.manage_loras(command))
 
-    async def cancel_stream(self, request_id: str) -> bool:
-        return bool(await self._worker.to_async.cancel_stream(request_id=request_id))
+    async def cancel(self, request_id: str) -> None:
+        await self._worker.to_async.cancel(request_id=request_id)
 
     async def generate_stream(
         self, job: GenerationJob, partial_images: int, progress: bool = False
@@ -433,12 +433,11 @@ class ImageServing:
                         yield {"type": "error", "body": error.body()}
         except TimeoutError:
             status = 504
+            self._cancel_in_worker(job.request_id)
             yield {"type": "error", "body": timeout_error(self.settings.request_timeout).body()}
         except (asyncio.CancelledError, GeneratorExit):
             status = 499  # the client went away: tell the worker to drop or interrupt the job
-            task = asyncio.get_running_loop().create_task(self.worker.cancel_stream(job.request_id))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._cancel_in_worker(job.request_id)
             raise
         finally:
             await slot.__aexit__(None, None, None)
@@ -499,6 +498,7 @@ class ImageServing:
         except asyncio.TimeoutError:
             status = 504
             metrics().rejected.labels(reason="timeout").inc()
+            self._cancel_in_worker(job.request_id)  # and stop spending the GPU on it
             raise timeout_error(self.settings.request_timeout) from None
         except OpenAIError as error:
             status = error.status_code
@@ -570,6 +570,19 @@ class ImageServing:
             logger.error("request %s: generation failed: %s", job.request_id, result.error or "images missing")
             raise generation_failed(job.request_id)
         return result
+
+    def _cancel_in_worker(self, request_id: str) -> None:
+        """Fire and forget: the worker drops the job, or interrupts its call once nobody is left."""
+
+        async def cancel() -> None:
+            try:
+                await self.worker.cancel(request_id)
+            except Exception:  # the worker is gone or restarting: nothing left to cancel
+                logger.warning("request %s: could not cancel it in the worker", request_id)
+
+        task = asyncio.get_running_loop().create_task(cancel())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _retry_after(self) -> int:
         """Seconds until a slot is likely free: about one batch per waiting batch, capped at a minute."""

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, AsyncIterator, Sequence
 
@@ -81,6 +82,10 @@ def _looks_like_hub_id(source: str, allowed_dirs: list[Any]) -> bool:
     return not any(os.path.exists(os.path.join(directory, source)) for directory in allowed_dirs)
 
 
+# Request IDs remembered as cancelled (a job may arrive after its cancellation).
+MAX_REMEMBERED_CANCELLATIONS = 10_000
+
+
 class DiffusionEngine:
     """Loads the configured model in the background and runs batches of jobs on it."""
 
@@ -92,6 +97,7 @@ class DiffusionEngine:
         self._tickets: dict[int, StreamTicket] = {}
         self._stream_pending: list[StreamTicket] = []
         self._streams: dict[str, StreamTicket] = {}  # request ID → ticket, while it streams
+        self._cancelled: OrderedDict[str, None] = OrderedDict()  # request IDs the API gave up on
         self._stream_lock = threading.Lock()
         self.loras: LoraManager | None = None  # the default model's adapters
         self._extra: dict[str, tuple[Any, LoraManager]] = {}  # HYPERGEN_MODELS beyond the first
@@ -197,11 +203,7 @@ class DiffusionEngine:
                 result.error = self._load_error or "the model is not loaded"
             return results
         adapters = self._resolve_adapters(jobs, results)
-        runnable = [
-            index
-            for index, result in enumerate(results)
-            if result.error is None and not (index in self._tickets and self._tickets[index].cancelled.is_set())
-        ]
+        runnable = [index for index, result in enumerate(results) if result.error is None and not self._job_cancelled(jobs, index)]
         for call in group_compatible_jobs([jobs[index] for index in runnable], self.settings.max_batch_size):
             call.images = [(runnable[job], image) for job, image in call.images]
             self._run_call_isolating_failures(jobs, call, results, adapters)
@@ -255,16 +257,22 @@ class DiffusionEngine:
             with self._stream_lock:
                 self._streams.pop(job.request_id, None)
 
-    def cancel_stream(self, request_id: str) -> bool:
-        """Cancel a streaming job whose client has gone (the API says so explicitly: closing a
-        BentoML stream early does not close its HTTP response). False if it is not streaming."""
+    def cancel(self, request_id: str) -> None:
+        """The API gave up on a request (its client left, or it timed out): drop the job if it has
+        not started; interrupt its pipeline call at the next step once nobody in it is left. The
+        API says so explicitly: closing a BentoML stream early does not close its HTTP response."""
         with self._stream_lock:
             ticket = self._streams.get(request_id)
-        if ticket is None:
-            return False
-        ticket.cancelled.set()
-        ticket.emit({"kind": "error", "result": {"request_id": request_id, "error": "cancelled by the client"}})
-        return True
+            self._cancelled[request_id] = None
+            while len(self._cancelled) > MAX_REMEMBERED_CANCELLATIONS:
+                self._cancelled.popitem(last=False)
+        if ticket is not None:
+            ticket.cancelled.set()
+            ticket.emit({"kind": "error", "result": {"request_id": request_id, "error": "cancelled by the client"}})
+
+    def _job_cancelled(self, jobs: list[GenerationJob], index: int) -> bool:
+        ticket = self._tickets.get(index)
+        return (ticket is not None and ticket.cancelled.is_set()) or jobs[index].request_id in self._cancelled
 
     def _drain_streams(self) -> None:
         """On the pipeline thread: run every streaming job waiting now, as one batch."""
@@ -374,9 +382,8 @@ class DiffusionEngine:
         }
         arguments.update(self._mode_arguments(jobs, call))
         call_tickets = {job: self._tickets[job] for job in call.job_indices if job in self._tickets}
-        if call_tickets:
-            arguments["callback_on_step_end"] = StepPreviews(call.images, call_tickets)
-            arguments["callback_on_step_end_tensor_inputs"] = ["latents"]
+        arguments["callback_on_step_end"] = StepPreviews(call.images, call_tickets, lambda job: self._job_cancelled(jobs, job))
+        arguments["callback_on_step_end_tensor_inputs"] = ["latents"]
         started_at = time.time()
         started = time.perf_counter()
         output = pipe(**arguments)

@@ -307,3 +307,21 @@ def test_output_format_and_compression_follow_openai(make_app, engine):
     assert len(worst) < len(best)  # output_compression is the quality of lossy formats
     assert Image.open(io.BytesIO(webp_bytes)).format == "WEBP" and webp.output_format == "webp"
     assert Image.open(io.BytesIO(png_bytes)).format == "PNG"
+
+
+def test_a_timed_out_request_is_504_and_its_pipeline_call_is_interrupted(make_app, engine, caplog):
+    app = make_app(EngineClient(engine), request_timeout=0.5)
+
+    async def scenario():
+        async with http(app) as client:
+            slow = await client.post("/v1/images/generations", json={"prompt": "slow", "num_inference_steps": 150})
+            await asyncio.sleep(0.5)  # the worker notices at its next step
+            app.state.serving.settings.request_timeout = 60
+            follow = await client.post("/v1/images/generations", json={"prompt": "next", "num_inference_steps": 2})
+            return slow, follow
+
+    with caplog.at_level(logging.INFO, logger="hypergen"):
+        slow, follow = run(scenario())
+    assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"
+    assert follow.status_code == 200
+    assert "interrupting a pipeline call" in caplog.text

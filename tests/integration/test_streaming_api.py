@@ -164,26 +164,29 @@ def test_websocket_errors_are_openai_error_objects(make_app, engine):
 
 
 def test_websocket_clients_see_their_queue_position_while_they_wait(make_app, engine):
+    import threading
+
     from starlette.testclient import TestClient
 
-    class SlowWorker(EngineClient):
-        async def generate(self, jobs):
-            await asyncio.sleep(1.5)
-            return await super().generate(jobs)
+    app = make_app(EngineClient(engine), max_batch_size=1)
+    queue = app.state.serving.queue
+    release = threading.Event()
 
-    app = make_app(SlowWorker(engine), max_batch_size=1)
+    async def hold_the_only_slot():
+        async with queue.slot():
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+
     with TestClient(app) as client:
-        import threading
-
-        blocker = threading.Thread(target=lambda: client.post("/v1/images/generations", json={"prompt": "first", "num_inference_steps": 1}))
-        blocker.start()
-        time.sleep(0.3)
+        client.portal.start_task_soon(hold_the_only_slot)
+        while queue.in_flight == 0:
+            time.sleep(0.01)
         with client.websocket_connect("/v1/images/ws") as socket:
             socket.send_json({"prompt": "second", "num_inference_steps": 2})
-            events = []
-            while not events or events[-1]["type"] not in ("image_generation.completed", "error"):
+            events = [socket.receive_json()]
+            release.set()
+            while events[-1]["type"] not in ("image_generation.completed", "error"):
                 events.append(socket.receive_json())
-        blocker.join()
     queued = [event for event in events if event["type"] == "queued"]
     assert [event["position"] for event in queued] == [1]  # then "started"
     assert [event["type"] for event in events[:2]] == ["queued", "started"]
