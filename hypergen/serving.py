@@ -73,6 +73,12 @@ class WorkerClient(Protocol):
 
     async def status(self) -> WorkerStatus: ...
 
+    async def manage_loras(self, command: LoraCommand) -> LoraReply: ...
+
+    def generate_stream(self, job: GenerationJob, partial_images: int, progress: bool = False) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def cancel(self, request_id: str) -> None: ...
+
 
 def keep_worker_session_open(dependency: Any) -> None:
     """Stop BentoML (>= 1.4.30) from recycling the dependency's HTTP session.
@@ -113,8 +119,8 @@ class BentoWorkerClient:
     ) -> AsyncIterator[dict[str, Any]]:
         """The worker's JSON-lines stream, reassembled into events (chunks may merge or split)."""
         buffer = ""
-        # aclosing: leaving early must close the HTTP stream now, so the worker sees the
-        # disconnect and cancels the job, not whenever the generator is garbage-collected.
+        # Leaving early does not close BentoML's HTTP response (the worker learns it through
+        # `cancel`), but aclosing still ends BentoML's generator now rather than at collection.
         async with aclosing(self._worker.to_async.generate_stream(job=job, partial_images=partial_images, progress=progress)) as stream:
             async for chunk in stream:
                 buffer += chunk if isinstance(chunk, str) else chunk.decode()
@@ -283,22 +289,23 @@ class ImageServing:
 
     async def generate(self, request: ImageGenerationRequest, request_id: str, base_url: str) -> Served:
         """The response (or, with `stream`, its Server-Sent Events) and its `Server-Timing` value."""
-        self._refuse_unsupported(request)
+        job = await self._generation_job(request, request_id)
+        if request.stream:
+            return await self._serve_stream(job, request, "image_generation")
+        return await self._serve(job, request, base_url)
+
+    async def _generation_job(self, request: ImageGenerationRequest, request_id: str) -> GenerationJob:
         limits = self._resolve_model(request.model, await self.ready_models())
         try:
             width, height = limits.resolve_size(request.size)
         except ValueError as error:
             raise invalid_value("size", f"Invalid 'size': {error}.") from None
-        job = self._build_job(request, limits, request_id, request.prompt, request.negative_prompt, (width, height))
-        if request.stream:
-            return await self._serve_stream(job, request, "image_generation")
-        return await self._serve(job, request, base_url)
+        return self._build_job(request, limits, request_id, request.prompt, request.negative_prompt, (width, height))
 
     async def edit(
         self, request: ImageEditRequest, images: list[bytes], mask: bytes | None, request_id: str, base_url: str
     ) -> Served:
         """Image-to-image (no mask) or inpainting (mask: transparent = edit) of one uploaded image."""
-        self._refuse_unsupported(request)
         if len(images) != 1:
             raise invalid_value("image", f"Send exactly one 'image' to edit; got {len(images)}.")
         mode: Mode = "inpainting" if mask is not None else "image-to-image"
@@ -311,18 +318,14 @@ class ImageServing:
             return await self._serve_stream(job, request, "image_edit")
         return await self._serve(job, request, base_url)
 
-    async def vary(self, request: ImageVariationRequest, image: bytes, request_id: str, base_url: str) -> tuple[ImagesResponse, str]:
+    async def vary(self, request: ImageVariationRequest, image: bytes, request_id: str, base_url: str) -> Served:
         """Variations: image-to-image with an empty prompt at strength 0.6 (by default)."""
-        self._refuse_unsupported(request)
+        if request.stream:
+            raise invalid_value("stream", "Variations cannot be streamed (as in OpenAI's API); send 'stream': false.")
         limits = self._resolve_model(request.model, await self.ready_models())
         upload = await self._prepare_upload(image, None, request.size, limits)
         job = self._build_job(request, limits, request_id, VARIATION_PROMPT, None, upload.image.size)
         return await self._serve(self._with_upload(job, "image-to-image", request.strength or 0.6, upload, limits), request, base_url)
-
-    @staticmethod
-    def _refuse_unsupported(request: ImageRequestOptions) -> None:
-        if request.stream and isinstance(request, ImageVariationRequest):
-            raise invalid_value("stream", "Variations cannot be streamed (as in OpenAI's API); send 'stream': false.")
 
     async def _prepare_upload(self, image: bytes, mask: bytes | None, size: str | None, limits: ModelLimits) -> FittedUpload:
         """Decode, check and fit the upload off the event loop."""
@@ -453,12 +456,7 @@ class ImageServing:
         """The WebSocket protocol: `queued` (position, estimated wait; again whenever the position
         changes), `started`, `progress` per step, partial images, `image_generation.completed` per
         image, or `error`."""
-        limits = self._resolve_model(request.model, await self.ready_models())
-        try:
-            width, height = limits.resolve_size(request.size)
-        except ValueError as error:
-            raise invalid_value("size", f"Invalid 'size': {error}.") from None
-        job = self._build_job(request, limits, request_id, request.prompt, request.negative_prompt, (width, height))
+        job = await self._generation_job(request, request_id)
         turns: list[Any] = []
         slot = self.queue.slot(on_wait=turns.append)
         admission = asyncio.ensure_future(slot.__aenter__())

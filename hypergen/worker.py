@@ -94,7 +94,7 @@ class DiffusionEngine:
         self._model_path = model_path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypergen-pipeline")
         self._loaded: Any = None  # pipelines.LoadedPipeline once ready
-        self._tickets: dict[int, StreamTicket] = {}
+        self._tickets: dict[int, StreamTicket] = {}  # streaming jobs of the batch being run (pipeline thread)
         self._stream_pending: list[StreamTicket] = []
         self._streams: dict[str, StreamTicket] = {}  # request ID → ticket, while it streams
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # request IDs the API gave up on
