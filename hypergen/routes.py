@@ -7,12 +7,13 @@ over through `app.state.serving` when the BentoML service starts.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Awaitable
 
 from fastapi import Depends, FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -63,6 +64,30 @@ def rate_limited(
     if images.limiter.enabled:
         response.headers.update(images.charge_request(client))
     return client
+
+
+# How often a waiting plain request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.25
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Served]) -> Served:
+    """Await `work`, cancelling it if the client disconnects first (then the worker drops or
+    interrupts the job instead of drawing images nobody will receive)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                break
+        return await task
+    except asyncio.CancelledError:
+        if task.cancelled():
+            raise OpenAIError(499, "The client closed the request.", code="client_closed_request") from None
+        raise
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 def respond(served: Served, response: Response) -> Any:
@@ -225,7 +250,8 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         images: ImageServing = Depends(serving),
     ) -> ImagesResponse:
         charge_images(images, client, response, body.n)
-        return respond(await images.generate(body, request.state.request_id, str(request.base_url)), response)
+        work = images.generate(body, request.state.request_id, str(request.base_url))
+        return respond(await unless_disconnected(request, work), response)
 
     @app.post(
         "/v1/images/edits",
@@ -245,10 +271,10 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         masks = files.get("mask", [])
         if len(masks) > 1:
             raise OpenAIError(400, "Send at most one 'mask'.", param="mask", code="invalid_value")
-        served = await images.edit(
+        work = images.edit(
             body, required_files(files, "image"), masks[0] if masks else None, request.state.request_id, str(request.base_url)
         )
-        return respond(served, response)
+        return respond(await unless_disconnected(request, work), response)
 
     @app.post(
         "/v1/images/variations",
@@ -268,7 +294,8 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         uploads = required_files(files, "image")
         if len(uploads) > 1:
             raise OpenAIError(400, "Send exactly one 'image' for variations.", param="image", code="invalid_value")
-        return respond(await images.vary(body, uploads[0], request.state.request_id, str(request.base_url)), response)
+        work = images.vary(body, uploads[0], request.state.request_id, str(request.base_url))
+        return respond(await unless_disconnected(request, work), response)
 
     @app.websocket("/v1/images/ws")
     async def image_socket(websocket: WebSocket) -> None:

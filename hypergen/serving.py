@@ -501,6 +501,10 @@ class ImageServing:
         except OpenAIError as error:
             status = error.status_code
             raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away: its slot is freed, its job dropped or interrupted
+            self._cancel_in_worker(job.request_id)
+            raise
         finally:
             self._log_request(job, status, started, result)
         response_format = request.response_format or self.settings.default_response_format

@@ -50,3 +50,22 @@ def test_websocket_progress_through_bentoml_serve(default_server):
     steps = [event["step"] for event in events if event["type"] == "progress"]
     assert [event["type"] for event in events[:2]] == ["queued", "started"]
     assert steps == [1, 2, 3, 4, 5] and events[-1]["type"] == "image_generation.completed"
+
+
+def test_a_plain_request_whose_client_leaves_is_cancelled_too(default_server):
+    def abandoned() -> int:
+        return sum("status=499" in line and "steps=149" in line for line in default_server.log().splitlines())
+
+    def interrupted() -> int:
+        return default_server.log().count("interrupting a pipeline call")
+
+    url = f"{default_server.base_url}/v1/images/generations"
+    before = interrupted()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json={"prompt": "abandoned", "size": "64x64", "num_inference_steps": 149}, timeout=0.8)
+    deadline = time.monotonic() + 30
+    while (abandoned() == 0 or interrupted() == before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert abandoned() == 1 and interrupted() == before + 1
+    follow = httpx.post(url, json={"prompt": "next", "size": "64x64", "num_inference_steps": 2}, timeout=60)
+    assert follow.status_code == 200
