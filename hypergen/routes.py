@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, Awaitable
+from typing import Any, Awaitable, TypeVar
 
 from fastapi import Depends, FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -40,6 +40,7 @@ from .serving import ImageServing, Served
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_FORM_FILES = 20
+FormModel = TypeVar("FormModel", ImageEditRequest, ImageVariationRequest)
 MAX_FORM_FIELDS = 100
 
 
@@ -215,10 +216,26 @@ async def read_multipart(request: Request) -> tuple[dict[str, str], dict[str, li
     return fields, files
 
 
-def required_files(files: dict[str, list[bytes]], field: str) -> list[bytes]:
-    if not files.get(field):
-        raise OpenAIError(400, f"Missing required parameter: '{field}' (a file).", param=field, code="missing_required_parameter")
-    return files[field]
+def single_file(files: dict[str, list[bytes]], field: str, required: bool = True) -> bytes | None:
+    """The one file sent as `field` (or `field[]`): a missing required file or several are a 400."""
+    sent = files.get(field, [])
+    if not sent:
+        if required:
+            raise OpenAIError(400, f"Missing required parameter: '{field}' (a file).", param=field, code="missing_required_parameter")
+        return None
+    if len(sent) > 1:
+        raise OpenAIError(400, f"Send exactly one '{field}'; got {len(sent)}.", param=field, code="invalid_value")
+    return sent[0]
+
+
+async def read_image_form(
+    request: Request, model: type[FormModel], images: ImageServing, client: str, response: Response
+) -> tuple[FormModel, dict[str, list[bytes]]]:
+    """A multipart image request: its validated fields (charged to the caller's image budget) and files."""
+    fields, files = await read_multipart(request)
+    body = model.model_validate(fields)
+    charge_images(images, client, response, body.n)
+    return body, files
 
 
 def multipart_body(model: type[BaseModel], files: dict[str, bool]) -> dict[str, Any]:
@@ -265,15 +282,9 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         client: str = Depends(rate_limited),
         images: ImageServing = Depends(serving),
     ) -> ImagesResponse:
-        fields, files = await read_multipart(request)
-        body = ImageEditRequest.model_validate(fields)
-        charge_images(images, client, response, body.n)
-        masks = files.get("mask", [])
-        if len(masks) > 1:
-            raise OpenAIError(400, "Send at most one 'mask'.", param="mask", code="invalid_value")
-        work = images.edit(
-            body, required_files(files, "image"), masks[0] if masks else None, request.state.request_id, str(request.base_url)
-        )
+        body, files = await read_image_form(request, ImageEditRequest, images, client, response)
+        image, mask = single_file(files, "image"), single_file(files, "mask", required=False)
+        work = images.edit(body, image, mask, request.state.request_id, str(request.base_url))
         return respond(await unless_disconnected(request, work), response)
 
     @app.post(
@@ -288,13 +299,8 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         client: str = Depends(rate_limited),
         images: ImageServing = Depends(serving),
     ) -> ImagesResponse:
-        fields, files = await read_multipart(request)
-        body = ImageVariationRequest.model_validate(fields)
-        charge_images(images, client, response, body.n)
-        uploads = required_files(files, "image")
-        if len(uploads) > 1:
-            raise OpenAIError(400, "Send exactly one 'image' for variations.", param="image", code="invalid_value")
-        work = images.vary(body, uploads[0], request.state.request_id, str(request.base_url))
+        body, files = await read_image_form(request, ImageVariationRequest, images, client, response)
+        work = images.vary(body, single_file(files, "image"), request.state.request_id, str(request.base_url))
         return respond(await unless_disconnected(request, work), response)
 
     @app.websocket("/v1/images/ws")

@@ -303,15 +303,13 @@ class ImageServing:
         return self._build_job(request, limits, request_id, request.prompt, request.negative_prompt, (width, height))
 
     async def edit(
-        self, request: ImageEditRequest, images: list[bytes], mask: bytes | None, request_id: str, base_url: str
+        self, request: ImageEditRequest, image: bytes, mask: bytes | None, request_id: str, base_url: str
     ) -> Served:
         """Image-to-image (no mask) or inpainting (mask: transparent = edit) of one uploaded image."""
-        if len(images) != 1:
-            raise invalid_value("image", f"Send exactly one 'image' to edit; got {len(images)}.")
         mode: Mode = "inpainting" if mask is not None else "image-to-image"
         limits = self._resolve_model(request.model, await self.ready_models())
         strength = request.strength or (1.0 if mask is not None else 0.75)
-        upload = await self._prepare_upload(images[0], mask, request.size, limits)
+        upload = await self._prepare_upload(image, mask, request.size, limits)
         job = self._build_job(request, limits, request_id, request.prompt, request.negative_prompt, upload.image.size)
         job = self._with_upload(job, mode, strength, upload, limits)
         if request.stream:
@@ -392,8 +390,7 @@ class ImageServing:
         try:
             await slot.__aenter__()
         except QueueFull:
-            metrics().rejected.labels(reason="queue_full").inc()
-            raise queue_full_error(self.settings.max_queue, retry_after=self._retry_after()) from None
+            raise self._queue_full() from None
         return slot
 
     @staticmethod
@@ -478,8 +475,7 @@ class ImageServing:
                 await slot.__aexit__(None, None, None)
             raise
         if isinstance(admission.exception(), QueueFull):
-            metrics().rejected.labels(reason="queue_full").inc()
-            raise queue_full_error(self.settings.max_queue, retry_after=self._retry_after())
+            raise self._queue_full()
         admission.result()
         yield {"type": "started", "request_id": request_id, "total_steps": job.num_inference_steps}
         async with aclosing(self.stream_events(job, request.partial_images or 0, "image_generation", slot, progress=True)) as events:
@@ -557,8 +553,7 @@ class ImageServing:
             async with self.queue.slot():
                 results = await self.worker.generate([job])
         except QueueFull:
-            metrics().rejected.labels(reason="queue_full").inc()
-            raise queue_full_error(self.settings.max_queue, retry_after=self._retry_after()) from None
+            raise self._queue_full() from None
         except OpenAIError:
             raise
         except Exception:
@@ -585,6 +580,11 @@ class ImageServing:
         task = asyncio.get_running_loop().create_task(cancel())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _queue_full(self) -> OpenAIError:
+        """The 503 for a full queue (counted in metrics), with a Retry-After estimate."""
+        metrics().rejected.labels(reason="queue_full").inc()
+        return queue_full_error(self.settings.max_queue, retry_after=self._retry_after())
 
     def _retry_after(self) -> int:
         """Seconds until a slot is likely free: about one batch per waiting batch, capped at a minute."""

@@ -185,3 +185,18 @@ def test_a_dedicated_inpainting_checkpoint_is_used_for_masks(tiny_sd_dir, tmp_pa
     assert difference[:, :32].max() == 0 and difference[:, 32:].mean() > 20
     with_lora = engine.run_batch([job.model_copy(update={"lora_path": "any"})])[0]
     assert with_lora.error_status == 400 and with_lora.error_param == "lora_path"
+
+
+@pytest.mark.parametrize("route, field", [("/v1/images/edits", "image"), ("/v1/images/edits", "mask"), ("/v1/images/variations", "image")])
+def test_several_files_for_one_field_are_400(make_app, engine, route, field):
+    app = make_app(EngineClient(engine))
+    upload = ("x.png", png(scene()), "image/png")
+    files = [("image[]", upload)] + ([("image[]", upload)] if field == "image" else [("mask", upload), ("mask", upload)])
+
+    async def scenario():
+        async with http(app) as client:
+            return await client.post(route, data={"prompt": "x"}, files=files)
+
+    response = run(scenario())
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == field and "exactly one" in response.json()["error"]["message"]
