@@ -10,22 +10,27 @@ from typing import AsyncGenerator
 
 import bentoml
 
-from hypergen.bento import extra_references, model_reference, worker_batching
+from hypergen.bento import (
+    depend_on_each,
+    extra_references,
+    model_reference,
+    traffic,
+    worker_attributes,
+    worker_batching,
+    worker_copies,
+)
 from hypergen.config import load_settings
 from hypergen.logs import configure_logging
 from hypergen.protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerStatus
 from hypergen.routes import create_app
-from hypergen.serving import BentoWorkerClient, ImageServing
+from hypergen.serving import ImageServing, worker_client
 
 settings = load_settings(vars(bentoml.use_arguments()))
 configure_logging(settings.log_level)
-# BentoML, not HyperGen, would answer 429/503 past these, so they sit well above our own bounds.
-TRAFFIC = {"timeout": settings.request_timeout + 60, "max_concurrency": 100_000}
-
 app = create_app(settings.max_body_bytes)
 
 
-@bentoml.service(name="hypergen-worker", resources={"gpu": 1}, traffic=TRAFFIC, workers=1)
+@bentoml.service(name="hypergen-worker", resources={"gpu": 1}, traffic=traffic(settings, "worker"), workers=1)
 class DiffusionWorker:
     """Owns the diffusers pipeline; the only process that imports torch."""
 
@@ -63,20 +68,23 @@ class DiffusionWorker:
 
 # Other models and start-up adapters stored as BentoML models travel with the Bento too.
 DiffusionWorker.models.extend(extra_references(settings))
+# HYPERGEN_WORKERS > 1: one worker service per GPU (hypergen-worker-2, ...), balanced by load.
+DIFFUSION_WORKERS = worker_copies(DiffusionWorker, settings)
 
 
-@bentoml.service(name="hypergen", traffic=TRAFFIC, workers=1)
+@bentoml.service(name="hypergen", traffic=traffic(settings, "api"), workers=1)
 @bentoml.asgi_app(app, path="/")
+@depend_on_each(DIFFUSION_WORKERS)  # `worker`, `worker_2`, ...: a bentoml.depends each
 class ImageAPI:
     """OpenAI's Images API: validation, auth, admission control, response formatting."""
-
-    worker = bentoml.depends(DiffusionWorker)
 
     def __init__(self) -> None:
         from hypergen.auth import ApiKeyAuth
 
+        attributes = worker_attributes(len(DIFFUSION_WORKERS))
+        workers = {service.name: getattr(self, attribute) for service, attribute in zip(DIFFUSION_WORKERS, attributes)}
         app.state.auth = ApiKeyAuth(settings.api_key_list)
-        app.state.serving = ImageServing(settings, BentoWorkerClient(self.worker))
+        app.state.serving = ImageServing(settings, worker_client(workers))
 
     @bentoml.on_startup
     async def warm_up(self) -> None:

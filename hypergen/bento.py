@@ -35,6 +35,20 @@ def extra_references(settings: Settings) -> list[Any]:
     return [bentoml.models.BentoModel(source) for source in sources if is_bentoml_tag(source)]
 
 
+def traffic(settings: Settings, service: str) -> dict[str, Any]:
+    """`traffic=` for the API service ("api") or a worker service ("worker").
+
+    `timeout` and `max_concurrency` sit well above HyperGen's own bounds (BentoML would answer
+    429/503 past them; admission control is ours). `concurrency` does nothing locally: it is
+    the per-replica target BentoCloud's autoscaler scales on. A worker takes one batch at a
+    time; the API holds a batch per worker in flight and queues the rest, so its target is two
+    batches per worker: past that its queue grows, BentoCloud adds an API replica, whose extra
+    batch in flight pushes the workers past their target in turn.
+    """
+    concurrency = settings.max_batch_size if service == "worker" else 2 * settings.max_batch_size * settings.workers
+    return {"timeout": settings.request_timeout + 60, "max_concurrency": 100_000, "concurrency": concurrency}
+
+
 def worker_batching(settings: Settings) -> dict[str, int]:
     """`@bentoml.api(batchable=True, ...)` arguments.
 
@@ -46,6 +60,42 @@ def worker_batching(settings: Settings) -> dict[str, int]:
         "max_batch_size": max(2, settings.max_batch_size),
         "max_latency_ms": int(settings.request_timeout * 1000) + 60_000,
     }
+
+
+def worker_copies(first: Any, settings: Settings) -> list[Any]:
+    """Every diffusion worker service: `first`, then one copy per further GPU (HYPERGEN_WORKERS).
+
+    Each copy is its own BentoML service (`hypergen-worker-2`, ...), so BentoML gives it its own
+    process, socket and GPU (`resources: gpu: 1` each), and the API can pick a worker per request
+    by load (`hypergen.balancing`); one service with several processes would share a socket,
+    where the kernel hands out connections regardless of load.
+    """
+    import bentoml
+
+    services = [first]
+    for number in range(2, settings.workers + 1):
+        inner = type(f"{first.inner.__name__}{number}", (first.inner,), {"__module__": first.inner.__module__})
+        copy = bentoml.service(name=f"{first.name}-{number}", **first.config)(inner)
+        copy.models.extend(model for model in first.models if model not in copy.models)  # e.g. extra_references
+        services.append(copy)
+    return services
+
+
+def depend_on_each(services: list[Any]) -> Any:
+    """A class decorator (applied before `@bentoml.service`) declaring one `bentoml.depends`
+    attribute per worker service: `worker`, `worker_2`, ..."""
+    import bentoml
+
+    def declare(cls: type) -> type:
+        for attribute, service in zip(worker_attributes(len(services)), services):
+            setattr(cls, attribute, bentoml.depends(service))
+        return cls
+
+    return declare
+
+
+def worker_attributes(count: int) -> list[str]:
+    return ["worker", *(f"worker_{number}" for number in range(2, count + 1))]
 
 
 def default_model_name(source: str | None) -> str:
@@ -91,7 +141,7 @@ def resolve_model_directory(source: str | None, settings: Settings) -> Path:
     if not source:
         from .pipelines import embedded_default_path
 
-        return embedded_default_path(settings.home)
+        return embedded_default_path()
     if Path(source).is_dir():
         return Path(source)
     from huggingface_hub import snapshot_download

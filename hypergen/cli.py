@@ -85,6 +85,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(arguments, handle)
     command = [sys.executable, "-m", "bentoml", "build", ".", "--arg-file", handle.name]
+    if args.bentofile:
+        command += ["--bentofile", str(Path(args.bentofile).resolve())]
     try:
         return subprocess.call(command, cwd=root)
     finally:
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(handler=handler)
         if name == "build":
             command.add_argument("--lora", action="append", help="NAME=PATH[:SCALE] carried in the Bento; repeatable")
+            command.add_argument("--bentofile", help="build with this bentofile instead of the project's (e.g. one adding wheels)")
     return parser
 
 

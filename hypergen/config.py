@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     home: Path = Field(
         default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hypergen",
-        description="cache for the embedded default model and the url image store",
+        description="where HyperGen keeps its files (the url image store)",
     )
     store_max_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="cap on url images on disk")
     max_body_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     lora_dirs: str | None = Field(default=None, description="directories lora_path may load from (comma-separated)")
     max_loras: int = Field(default=8, ge=1, description="adapters kept loaded (LRU; start-up ones pinned)")
     rate_limit: str | None = Field(default=None, description="e.g. '60/minute,200 images/hour'; unset = off")
+    workers: int = Field(default=1, ge=1, le=16, description="diffusion worker services, one per GPU; balanced by load")
+    memory_budget_mb: float = Field(
+        default=0.0, ge=0, description="device memory for model weights; idle models beyond it are offloaded (0 = no limit)"
+    )
 
     @field_validator("models")
     @classmethod

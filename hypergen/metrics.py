@@ -39,6 +39,9 @@ def metrics() -> SimpleNamespace:
         rejected=Counter("hypergen_rejected_total", "Requests refused before generation", ["reason"]),
         lora_loads=Counter("hypergen_lora_loads_total", "LoRA adapter loads", ["outcome"]),
         loras_loaded=Gauge("hypergen_loras_loaded", "LoRA adapters loaded", multiprocess_mode="livesum"),
+        model_moves=Counter(
+            "hypergen_model_moves_total", "Models offloaded from or moved back to the device (memory budget)", ["model", "direction"]
+        ),
         gpu_memory_bytes=Gauge(
             "hypergen_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated per worker", multiprocess_mode="livesum"
         ),

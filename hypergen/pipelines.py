@@ -20,8 +20,9 @@ import torch
 
 logger = logging.getLogger("hypergen.pipelines")
 
-# Bump when the embedded default's recipe changes, so stale caches are not reused.
-EMBEDDED_DEFAULT_VERSION = "tiny-sd-v2"
+# The embedded default: a small trained model that draws simple shapes in named colours
+# ("a red circle on a blue background"), trained by `python -m training.demo_model`.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-model"
 # A small autoencoder trained to reconstruct images (`python -m training.pixel_vae`): with it,
 # the tiny pipelines' image-to-image and inpainting keep what they are given.
 PIXEL_VAE_DIR = Path(__file__).resolve().parent / "assets" / "pixel-vae"
@@ -331,10 +332,9 @@ def save_tiny_pipeline(directory: str | os.PathLike[str], kind: str = "sd", seed
     return target
 
 
-def embedded_default_path(home: Path) -> Path:
-    """The embedded default model's directory, built deterministically on first use."""
-    path = home / "models" / EMBEDDED_DEFAULT_VERSION
-    if not (path / "model_index.json").is_file():
-        logger.info("building the embedded default model (random weights, seed 0) in %s", path)
-        save_tiny_pipeline(path, kind="sd", seed=0)
-    return path
+def embedded_default_path(home: Path | None = None) -> Path:
+    """The embedded default model's directory (shipped inside the package; `home` is unused
+    and kept for callers that cache models there)."""
+    if not (DEMO_MODEL_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(f"the embedded demo model is missing from {DEMO_MODEL_DIR}; reinstall HyperGen")
+    return DEMO_MODEL_DIR

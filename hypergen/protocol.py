@@ -7,6 +7,7 @@ models and the error mapper quotes `ALLOWED` when a value is out of range.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -190,6 +191,21 @@ class GenerationJob(BaseModel):
     def n(self) -> int:
         return len(self.seeds)
 
+    @classmethod
+    def warm_up(cls, model: "ModelLimits", index: int) -> "GenerationJob":
+        """A one-step job at the model's native size, for warming a worker's batcher."""
+        return cls(
+            request_id=f"warmup-{index}",
+            model=model.id,
+            prompt="warm-up",
+            width=model.native_width,
+            height=model.native_height,
+            num_inference_steps=1,
+            guidance_scale=model.default_guidance_scale,
+            seeds=[index],
+            admitted_at=time.time(),
+        )
+
 
 class GenerationResult(BaseModel):
     """The worker's answer for one job: encoded images (base64), or a failure description."""
@@ -213,6 +229,9 @@ class WorkerStatus(BaseModel):
     device: str | None = None
     dtype: str | None = None
     models: list[ModelLimits] = Field(default_factory=list)
+    pid: int | None = Field(default=None, description="the worker's process ID")
+    memory: dict[str, Any] | None = Field(default=None, description="memory budget and where each model lives")
+    workers: list[dict[str, Any]] = Field(default_factory=list, description="per-worker load, with several workers")
 
 
 class LoraCommand(BaseModel):

@@ -25,6 +25,7 @@ from .errors import (
     queue_full_error,
     timeout_error,
 )
+from .balancing import WorkerPool
 from .images import FittedUpload, default_size, fit_upload, open_upload, to_png_b64
 from .metrics import metrics
 from .protocol import (
@@ -130,6 +131,13 @@ class BentoWorkerClient:
                         yield json.loads(line)
 
 
+def worker_client(dependencies: dict[str, Any]) -> WorkerClient:
+    """The API's client for the worker services (service name → `bentoml.depends` handle): one
+    worker directly, several through a pool that balances them by load."""
+    clients = [BentoWorkerClient(dependency) for dependency in dependencies.values()]
+    return clients[0] if len(clients) == 1 else WorkerPool(clients, list(dependencies), BATCHER_WARMUP_CALLS)
+
+
 def server_timing(result: GenerationResult) -> str:
     """`Server-Timing` header (W3C): where the time went inside HyperGen, in milliseconds, and
     how many images the request's pipeline call made."""
@@ -179,7 +187,9 @@ class ImageServing:
         self.settings = settings
         self.worker = worker
         self.store = store or ImageStore(settings.home / "images", settings.url_ttl, settings.store_max_bytes)
-        self.queue = AdmissionQueue(settings.max_queue, max_in_flight=settings.max_batch_size, on_change=_queue_gauges)
+        # Each worker takes up to a batch at once; more waiting would only add to BentoML's queue.
+        in_flight = settings.max_batch_size * getattr(worker, "size", 1)
+        self.queue = AdmissionQueue(settings.max_queue, max_in_flight=in_flight, on_change=_queue_gauges)
         self.limiter = RateLimiter(parse_rate_limit(settings.rate_limit))
         self.started = int(time.time())
         self._status: WorkerStatus | None = None
@@ -223,19 +233,10 @@ class ImageServing:
     async def _warm_up_batcher(self, model: ModelLimits) -> None:
         started = time.perf_counter()
         try:
-            for index in range(BATCHER_WARMUP_CALLS):
-                job = GenerationJob(
-                    request_id=f"warmup-{index}",
-                    model=model.id,
-                    prompt="warm-up",
-                    width=model.native_width,
-                    height=model.native_height,
-                    num_inference_steps=1,
-                    guidance_scale=model.default_guidance_scale,
-                    seeds=[index],
-                    admitted_at=time.time(),
-                )
-                await self.worker.generate([job])
+            # A pool of workers warms each of its workers itself (before it reports them ready).
+            calls = 0 if isinstance(self.worker, WorkerPool) else BATCHER_WARMUP_CALLS
+            for index in range(calls):
+                await self.worker.generate([GenerationJob.warm_up(model, index)])
             logger.info("batcher warmed up with %d one-step calls in %.2fs", BATCHER_WARMUP_CALLS, time.perf_counter() - started)
         except Exception:  # a model that cannot run one step will fail real requests visibly
             logger.exception("warming up the batcher failed; serving without it")
@@ -261,6 +262,10 @@ class ImageServing:
             "max_queue_size": self.settings.max_queue,
             "in_flight": self.queue.in_flight,
         }
+        if status.memory:
+            body["memory"] = status.memory
+        if isinstance(self.worker, WorkerPool):  # live counts, not the cached status's
+            body["workers"] = [load.as_dict() for load in self.worker.loads]
         if not status.ready:
             body["detail"] = status.detail
         return status.ready, body
@@ -445,8 +450,8 @@ class ImageServing:
 
     def _estimated_wait(self, position: int) -> float:
         """Seconds until a request at `position` starts: the calls ahead of it (a batch each) and
-        the one running, at the recent pipeline-call duration."""
-        calls_ahead = -(-position // self.settings.max_batch_size) + (1 if self.queue.in_flight else 0)
+        the one running (a batch per worker), at the recent pipeline-call duration."""
+        calls_ahead = -(-position // self.queue.max_in_flight) + (1 if self.queue.in_flight else 0)
         return round(calls_ahead * self._recent_call_s, 2)
 
     async def socket_events(self, request: ImageGenerationRequest, request_id: str) -> AsyncIterator[dict[str, Any]]:
@@ -588,7 +593,7 @@ class ImageServing:
 
     def _retry_after(self) -> int:
         """Seconds until a slot is likely free: about one batch per waiting batch, capped at a minute."""
-        return max(1, min(60, 1 + self.queue.depth // self.settings.max_batch_size))
+        return max(1, min(60, 1 + self.queue.depth // self.queue.max_in_flight))
 
     async def _format(self, result: GenerationResult, job: GenerationJob, response_format: str, base_url: str) -> ImagesResponse:
         if response_format == "b64_json":

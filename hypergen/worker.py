@@ -24,6 +24,7 @@ from .loras import LoadedAdapter, LoraError, LoraManager, resolve_allowed_path
 from .metrics import metrics
 from .previews import StepPreviews, StreamTicket
 from .protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, ModelLimits, WorkerStatus
+from .residency import MB, ModelResidency
 
 logger = logging.getLogger("hypergen.worker")
 
@@ -48,6 +49,23 @@ def keep_unmasked(generated: Any, original: Any, mask: Any) -> Any:
 
     binary = mask.convert("L").point(lambda value: 255 if value >= 128 else 0)
     return Image.composite(generated.convert("RGB"), original.convert("RGB"), binary)
+
+
+def _count_move(model: str, to_device: bool) -> None:
+    metrics().model_moves.labels(model=model, direction="reload" if to_device else "offload").inc()
+
+
+def pipeline_bytes(loaded: Any) -> int:
+    """Bytes of a model's weights (parameters and buffers of every torch component)."""
+    import torch
+
+    modules = {  # the mode pipelines share components: count each once
+        id(component): component
+        for pipe in loaded.modes.values()
+        for component in pipe.components.values()
+        if isinstance(component, torch.nn.Module)
+    }
+    return sum(t.numel() * t.element_size() for module in modules.values() for t in (*module.parameters(), *module.buffers()))
 
 
 def model_limits(loaded: Any) -> ModelLimits:
@@ -101,21 +119,23 @@ class DiffusionEngine:
         self._stream_lock = threading.Lock()
         self.loras: LoraManager | None = None  # the default model's adapters
         self._extra: dict[str, tuple[Any, LoraManager]] = {}  # HYPERGEN_MODELS beyond the first
+        budget = int(settings.memory_budget_mb * MB) if settings.memory_budget_mb else None
+        self.residency = ModelResidency(budget, move=self._move_model, on_move=_count_move)
         self._load_error: str | None = None
         self._loading: Future[None] = self._executor.submit(self._load)
 
     # --- loading -------------------------------------------------------------------------------
 
-    def _model_source(self) -> tuple[str, bool]:
-        """(directory or Hub id to load, whether it is the random-weight embedded default)."""
+    def _model_source(self) -> str:
+        """The directory or Hub id to load the default model from."""
         from .pipelines import embedded_default_path
 
         if self._model_path:
-            return self._model_path, False
+            return self._model_path
         source = self.settings.default_model_source
         if not source:
-            return str(embedded_default_path(self.settings.home)), True
-        return locate_model(source), False
+            return str(embedded_default_path())
+        return locate_model(source)
 
     def _load(self) -> None:
         import torch
@@ -125,10 +145,7 @@ class DiffusionEngine:
         threads = int(os.environ.get("HYPERGEN_TORCH_THREADS", "0")) or os.cpu_count() or 1
         torch.set_num_threads(threads)
         try:
-            source, embedded = self._model_source()
-            self._loaded = load_text_to_image(
-                self.settings.served_model_name, source, self.settings.device, random_weights=embedded
-            )
+            self._loaded = load_text_to_image(self.settings.served_model_name, self._model_source(), self.settings.device)
             if self.settings.inpaint_model:
                 loaded = self._loaded
                 loaded.modes["inpainting"] = load_inpainting(self.settings.inpaint_model, loaded.device, loaded.dtype)
@@ -138,6 +155,7 @@ class DiffusionEngine:
             logger.exception("loading the model failed")
             return
         loaded = self._loaded
+        self.residency.register(loaded.name, pipeline_bytes(loaded))
         loras = LoraManager(loaded.modes["text-to-image"], self.settings.lora_dir_list, self.settings.max_loras)
         for spec in self.settings.lora_specs:
             try:
@@ -150,11 +168,13 @@ class DiffusionEngine:
             for name, source in self.settings.extra_models:
                 extra = load_text_to_image(name, locate_model(source), self.settings.device)
                 self._extra[name] = (extra, LoraManager(extra.modes["text-to-image"], self.settings.lora_dir_list, self.settings.max_loras))
+                self.residency.register(name, pipeline_bytes(extra))
                 logger.info("model '%s' loaded from %s in %.2fs", name, source, extra.load_seconds)
         except Exception as error:
             self._load_error = f"{type(error).__name__}: {error}"
             logger.exception("loading an additional model failed")
             return
+        self.residency.use(loaded.name)  # most requests name no model: start with the default on the device
         self.loras = loras  # ready only now: start-up adapters and every model are loaded
         logger.info(
             "model '%s' loaded from %s on %s (%s) in %.2fs; native size %dx%d, default %d steps%s",
@@ -166,7 +186,7 @@ class DiffusionEngine:
             loaded.native_width,
             loaded.native_height,
             loaded.default_steps,
-            "; its weights are RANDOM (the embedded default draws noise, not your prompt)" if loaded.random_weights else "",
+            "; its weights are RANDOM (it draws noise, not your prompt)" if loaded.random_weights else "",
         )
 
     def status(self) -> WorkerStatus:
@@ -176,7 +196,14 @@ class DiffusionEngine:
         if loaded is None or self.loras is None:
             return WorkerStatus(ready=False, detail="loading the model")
         models = [model_limits(loaded)] + [model_limits(extra) for extra, _ in self._extra.values()]
-        return WorkerStatus(ready=True, device=loaded.device, dtype=str(loaded.dtype).replace("torch.", ""), models=models)
+        return WorkerStatus(
+            ready=True,
+            device=loaded.device,
+            dtype=str(loaded.dtype).replace("torch.", ""),
+            models=models,
+            pid=os.getpid(),
+            memory=self.residency.snapshot(),
+        )
 
     def _model(self, name: str) -> tuple[Any, LoraManager]:
         """The loaded pipeline and adapters of a served model (the API only sends known names)."""
@@ -184,6 +211,14 @@ class DiffusionEngine:
             return self._extra[name]
         assert self.loras is not None
         return self._loaded, self.loras
+
+    def _move_model(self, name: str, to_device: bool) -> None:
+        """Move a model's weights (all its mode pipelines share them) to its device or to host
+        memory. On a CPU-only worker the device *is* host memory: only the bookkeeping changes."""
+        loaded = self._extra[name][0] if name in self._extra else self._loaded  # also while loading
+        target = loaded.device if to_device else "cpu"
+        for pipe in dict.fromkeys(loaded.modes.values()):  # a dedicated inpainting pipeline has its own weights
+            pipe.to(target)
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -364,6 +399,7 @@ class DiffusionEngine:
         first_index = call.images[0][0]
         first = jobs[first_index]
         loaded, loras = self._model(first.model)
+        self.residency.use(loaded.name)
         loras.activate(adapters.get(first_index), first.lora_scale)
         pipe = loaded.modes.get(first.mode)
         if pipe is None:

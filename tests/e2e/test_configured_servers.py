@@ -130,15 +130,31 @@ def test_a_built_bento_carries_the_model_and_serves_it(start_server, bentoml_hom
     server.stop()
 
 
-def test_several_models_in_one_server(start_server, tiny_sd_dir, tiny_sdxl_dir):
-    server = start_server({"HYPERGEN_MODELS": f"sd={tiny_sd_dir},xl={tiny_sdxl_dir}"})
+def test_several_models_in_one_server_within_a_memory_budget(start_server, tiny_sd_dir, tiny_sdxl_dir):
+    """Two models; a budget smaller than either, so only the model in use stays on the device."""
+    server = start_server({"HYPERGEN_MODELS": f"sd={tiny_sd_dir},xl={tiny_sdxl_dir}", "HYPERGEN_MEMORY_BUDGET_MB": "0.01"})
     health = server.wait_ready().json()
     assert health["models"] == ["sd", "xl"] and health["model"] == "sd"
+    assert health["memory"]["budget_mb"] == 0.01 and health["memory"]["offloaded"] == ["xl"]
     client = OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
     assert [model.id for model in client.models.list().data] == ["sd", "xl"]
-    for model in ("sd", "xl"):
-        response = client.images.generate(model=model, prompt="a", size="64x64", extra_body={"num_inference_steps": 2})
-        assert len(response.data) == 1
+
+    def pixels(model: str) -> bytes:
+        response = client.images.generate(
+            model=model, prompt="a", size="64x64", response_format="b64_json", extra_body={"num_inference_steps": 2, "seed": 5}
+        )
+        return Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json))).tobytes()
+
+    first_xl = pixels("xl")
+    # /health reflects the worker's status within a few seconds (the API caches it briefly)
+    server.wait_until(lambda response: response.json()["memory"]["offloaded"] == ["sd"], timeout=20)
+    assert pixels("sd") != first_xl  # same seed, another model: another image
+    assert pixels("xl") == first_xl  # offloaded and brought back: the same weights
+    health = server.wait_until(lambda response: response.json()["memory"]["models"]["xl"]["reloads"] == 2, timeout=20)
+    assert health.json()["memory"]["models"]["xl"]["offloads"] == 2 and health.json()["memory"]["offloaded"] == ["sd"]
+    moves = [line for line in httpx.get(f"{server.base_url}/metrics").text.splitlines() if line.startswith("hypergen_model_moves_total{")]
+    assert any('model="xl"' in line and 'direction="reload"' in line and line.endswith(" 2.0") for line in moves), moves
+    assert "offloaded to host memory" in server.log()
     with pytest.raises(openai.NotFoundError):
         client.images.generate(model="dall-e-3", prompt="a")
     server.stop()

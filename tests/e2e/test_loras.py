@@ -90,10 +90,10 @@ def test_hot_load_and_unload_while_requests_stream(lora_server):
         generate(client, lora_path="hot")
 
 
-def test_a_built_bento_carries_its_adapters(start_server, lora_dir, bentoml_home, tmp_path):
+def test_a_built_bento_carries_its_adapters(start_server, tiny_sd_dir, lora_dir, bentoml_home, tmp_path):
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "HYPERGEN_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "true"}
-    build = subprocess.run(
-        [sys.executable, "-m", "hypergen.cli", "build", "--lora", f"style={lora_dir / 'style'}:0.7"],
+    build = subprocess.run(  # the adapters were made for tiny_sd_dir's UNet
+        [sys.executable, "-m", "hypergen.cli", "build", str(tiny_sd_dir), "--lora", f"style={lora_dir / 'style'}:0.7"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stdout + build.stderr

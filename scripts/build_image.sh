@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Build HyperGen's CPU container image with `bentoml containerize --backend buildah`, start it,
+# and check /health and one generation through the official OpenAI client.
+#
+#   sudo scripts/build_image.sh            # as root: buildah needs it here (no Docker daemon)
+#
+# Steps: install buildah + debootstrap (Debian packages) if missing; bootstrap a local base
+# image that stands in for `python:3.11-slim` (Debian bookworm has Python 3.11; the host's CA
+# bundle goes in so the build reaches the package registries); build a Bento that carries the
+# embedded model and the CPU torch wheel (`python.wheels`, instead of multi-GB CUDA wheels);
+# containerize it; run it with `buildah run` on the host network; ask it for a picture.
+#
+# Settings (environment): IMAGE (hypergen:cpu), PORT (3300), WORK (/var/tmp/hypergen-image),
+# STORAGE_DRIVER (overlay, falling back to vfs), KEEP_RUNNING=1 to leave the container serving.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+IMAGE=${IMAGE:-hypergen:cpu}
+PORT=${PORT:-3300}
+WORK=${WORK:-/var/tmp/hypergen-image}
+CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
+BASE_IMAGE=localhost/python:3.11-slim
+export BUILDAH_ISOLATION=chroot
+mkdir -p "$WORK"
+
+step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+step "tools"
+missing=()
+command -v buildah >/dev/null || missing+=(buildah)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+if ((${#missing[@]})); then
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -q -y --no-install-recommends "${missing[@]}" fuse-overlayfs
+fi
+buildah --version
+
+# overlay copies nothing per layer; vfs copies every layer in full but works everywhere.
+if [[ -z "${STORAGE_DRIVER:-}" ]]; then
+    if buildah --storage-driver overlay images >/dev/null 2>&1 && buildah --storage-driver overlay from --name hypergen-probe scratch >/dev/null 2>&1 \
+        && buildah --storage-driver overlay mount hypergen-probe >/dev/null 2>&1; then
+        STORAGE_DRIVER=overlay
+    else
+        STORAGE_DRIVER=vfs
+    fi
+    buildah --storage-driver "$STORAGE_DRIVER" rm hypergen-probe >/dev/null 2>&1 || true
+fi
+export STORAGE_DRIVER
+step "buildah storage driver: $STORAGE_DRIVER"
+
+if ! buildah images --quiet "$BASE_IMAGE" >/dev/null 2>&1; then
+    step "bootstrapping $BASE_IMAGE (Debian bookworm, Python 3.11)"
+    rootfs="$WORK/rootfs"
+    rm -rf "$rootfs"
+    debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
+        bookworm "$rootfs" http://deb.debian.org/debian
+    cp "$CA_BUNDLE" "$rootfs/etc/ssl/certs/ca-certificates.crt"
+    rm -f "$rootfs"/usr/lib/python3.*/EXTERNALLY-MANAGED  # like python:3.11-slim, pip may install
+    ln -sf python3 "$rootfs/usr/bin/python"
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    container=$(buildah from scratch)
+    mountpoint=$(buildah mount "$container")
+    cp -a "$rootfs/." "$mountpoint/"
+    buildah umount "$container"
+    buildah config \
+        --env LANG=C.UTF-8 \
+        --env SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
+        --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+        --env UV_NATIVE_TLS=1 \
+        --cmd python3 "$container"
+    buildah commit --rm "$container" "$BASE_IMAGE"
+    rm -rf "$rootfs"
+fi
+
+step "building the Bento (embedded model + CPU torch wheel)"
+wheels="$WORK/wheels"
+mkdir -p "$wheels"
+python3 -m pip download --no-deps --dest "$wheels" "torch==$(python3 -c 'import torch; print(torch.__version__.split("+")[0])')" >/dev/null
+torch_wheel=$(ls "$wheels"/torch-*.whl | head -1)
+case "$torch_wheel" in *+cpu*) ;; *) echo "expected a CPU torch wheel, got $torch_wheel" >&2; exit 1 ;; esac
+python3 - "$ROOT/bentofile.yaml" "$WORK/bentofile-cpu.yaml" "$torch_wheel" <<'PY'
+import sys, yaml
+source, target, wheel = sys.argv[1:]
+config = yaml.safe_load(open(source))
+config["python"]["wheels"] = [wheel]
+yaml.safe_dump(config, open(target, "w"), sort_keys=False)
+PY
+(cd "$ROOT" && python3 -m hypergen.cli build --bentofile "$WORK/bentofile-cpu.yaml")
+
+step "bentoml containerize --backend buildah -> $IMAGE"
+python3 -m bentoml containerize hypergen:latest --backend buildah --image-tag "$IMAGE"
+buildah images "$IMAGE"
+
+step "starting the image on port $PORT"
+buildah rm hypergen-run >/dev/null 2>&1 || true
+buildah from --name hypergen-run "$IMAGE" >/dev/null
+buildah run --network host hypergen-run -- bentoml serve /home/bentoml/bento --port "$PORT" >"$WORK/serve.log" 2>&1 &
+server=$!
+cleanup() {
+    if [[ "${KEEP_RUNNING:-0}" != 1 ]]; then
+        pkill -f "bentoml serve /home/bentoml/bento --port $PORT" 2>/dev/null || true
+        kill "$server" 2>/dev/null || true
+        wait "$server" 2>/dev/null || true
+        buildah rm hypergen-run >/dev/null 2>&1 || true
+    fi
+}
+trap cleanup EXIT
+for _ in $(seq 1 300); do
+    if curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then break; fi
+    if ! kill -0 "$server" 2>/dev/null; then cat "$WORK/serve.log"; echo "the container exited" >&2; exit 1; fi
+    sleep 1
+done
+curl -fsS "http://127.0.0.1:$PORT/health"; echo
+
+step "one generation through the official client"
+(cd "$ROOT" && python3 - "$PORT" <<'PY'
+import base64, io, sys
+from openai import OpenAI
+from PIL import Image
+from training.shapes import Scene, judge
+
+client = OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key="x", max_retries=0)
+print("models:", [model.id for model in client.models.list().data])
+prompt = "a red circle on a blue background"
+result = client.images.generate(prompt=prompt, size="64x64", response_format="b64_json", extra_body={"seed": 1})
+image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+verdict = judge(image)
+print(f"{prompt!r} -> {image.size} image; judge reads: {verdict.colour} {verdict.shape} on {verdict.background}")
+sys.exit(0 if verdict.colour == "red" and verdict.background == "blue" else 1)
+PY
+)
+step "done: $IMAGE built, served and answered (server log: $WORK/serve.log)"

@@ -1,0 +1,175 @@
+"""The synthetic world HyperGen's demo model draws, and the judge that scores its pictures.
+
+A picture is one flat shape (circle, square or triangle) in a named colour on a background of
+another named colour, 64×64, described by prompts such as "a red circle on a blue background".
+Training draws pictures on the fly from a seeded generator; the judge reads a picture back into
+(shape colour, background colour, shape) with nothing but the palette and the mask's geometry,
+so `bench.demo_quality` and the tests score generated images the same way.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 30),
+    "green": (40, 170, 60),
+    "cyan": (40, 210, 220),
+    "blue": (30, 60, 220),
+    "purple": (140, 50, 180),
+    "pink": (250, 140, 200),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+COLOURS = tuple(PALETTE)
+SHAPES = ("circle", "square", "triangle")
+SIZE = 64
+
+# Words the tokenizer knows beyond the world's own; they carry no meaning and training scatters
+# them through captions so prompts written in a more natural style still work.
+FILLER_WORDS = (
+    "the", "an", "of", "with", "and", "in", "photo", "picture", "image", "drawing", "painting",
+    "simple", "flat", "plain", "colored", "coloured", "shape", "big", "small", "large", "little",
+    "centered", "high", "quality", "detailed", "beautiful", "art", "style", "minimal", "icon",
+)  # fmt: skip
+# "a", "on", "background" and punctuation complete the caption grammar.
+GRAMMAR_WORDS = ("a", "on", "background", ",", ".")
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    background: str
+
+    @property
+    def prompt(self) -> str:
+        return f"a {self.colour} {self.shape} on a {self.background} background"
+
+
+def vocabulary() -> list[str]:
+    """Every word the demo model's tokenizer maps to one token."""
+    return [*COLOURS, *SHAPES, *GRAMMAR_WORDS, *FILLER_WORDS]
+
+
+def random_scene(rng: random.Random) -> Scene:
+    colour, background = rng.sample(COLOURS, 2)
+    return Scene(colour, rng.choice(SHAPES), background)
+
+
+def held_out_scenes(count: int, seed: int = 2026) -> list[tuple[Scene, int]]:
+    """(scene, generation seed) pairs for evaluation: every colour, background and shape appears."""
+    rng = random.Random(seed)
+    return [(random_scene(rng), rng.randrange(2**31)) for _ in range(count)]
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """A training caption for a scene: mostly the full prompt, sometimes a partial one (so a
+    negative prompt such as "a red circle" means something), sometimes with filler words."""
+    roll = rng.random()
+    if roll < 0.10:
+        return ""  # unconditional, for classifier-free guidance
+    if roll < 0.55:
+        words = ["a", scene.colour, scene.shape, "on", "a", scene.background, "background"]
+    elif roll < 0.70:
+        words = [scene.colour, scene.shape, "on", scene.background, "background"]
+    elif roll < 0.80:
+        words = ["a", scene.colour, scene.shape]
+    elif roll < 0.88:
+        words = ["a", scene.shape, "on", "a", scene.background, "background"]
+    elif roll < 0.94:
+        words = ["a", scene.background, "background", "with", "a", scene.colour, scene.shape]
+    else:
+        words = ["a", scene.colour, scene.shape, ",", scene.background, "background"]
+    for _ in range(rng.choice((0, 0, 0, 1, 2, 3))):
+        if rng.random() < 0.5:
+            filler = rng.choice(FILLER_WORDS)
+        else:  # a word the tokenizer does not know: it arrives as letter pieces
+            filler = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 7)))
+        words.insert(rng.randrange(len(words) + 1), filler)
+    return " ".join(words)
+
+
+def draw(scene: Scene, rng: random.Random, size: int = SIZE) -> Image.Image:
+    """The scene near the middle, its size and position varying a little (a demo model this small
+    learns shapes far faster when they do not wander); 4× supersampled so edges are smooth."""
+    scale = 4
+    big = size * scale
+    half = rng.uniform(0.20, 0.32) * big
+    cx = big / 2 + rng.uniform(-0.12, 0.12) * big
+    cy = big / 2 + rng.uniform(-0.12, 0.12) * big
+    ys, xs = np.mgrid[0:big, 0:big] + 0.5
+    if scene.shape == "circle":
+        inside = (xs - cx) ** 2 + (ys - cy) ** 2 <= half**2
+    elif scene.shape == "square":
+        inside = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
+    else:  # an upright triangle filling its bounding box's lower half-width at the base
+        top, bottom = cy - half, cy + half
+        depth = (ys - top) / (bottom - top)
+        inside = (depth >= 0) & (depth <= 1) & (np.abs(xs - cx) <= depth * half)
+    pixels = np.where(inside[..., None], PALETTE[scene.colour], PALETTE[scene.background]).astype(np.float32)
+    pixels = pixels.reshape(size, scale, size, scale, 3).mean(axis=(1, 3))
+    return Image.fromarray(pixels.round().astype(np.uint8))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    colour: str | None
+    shape: str | None
+    background: str
+
+    def score(self, scene: Scene) -> dict[str, bool]:
+        return {
+            "colour": self.colour == scene.colour,
+            "background": self.background == scene.background,
+            "shape": self.shape == scene.shape,
+        }
+
+
+_PALETTE_ARRAY = np.array(list(PALETTE.values()), dtype=np.float32)
+
+
+def nearest_colours(pixels: np.ndarray) -> np.ndarray:
+    """Index into the palette of the nearest named colour for each RGB pixel."""
+    distances = ((pixels[..., None, :].astype(np.float32) - _PALETTE_ARRAY) ** 2).sum(axis=-1)
+    return distances.argmin(axis=-1)
+
+
+def judge(image: Image.Image) -> Verdict:
+    """Read a picture back: background = the named colour most of the border has; shape pixels =
+    those whose nearest named colour differs from it; shape colour = their most common named
+    colour; shape = from the mask's geometry (`shape_of`)."""
+    pixels = np.asarray(image.convert("RGB").resize((SIZE, SIZE)), dtype=np.float32)
+    labels = nearest_colours(pixels)
+    border = np.concatenate([labels[:3].ravel(), labels[-3:].ravel(), labels[:, :3].ravel(), labels[:, -3:].ravel()])
+    background = int(np.bincount(border, minlength=len(COLOURS)).argmax())
+    mask = labels != background
+    if mask.sum() < 12:
+        return Verdict(None, None, COLOURS[background])
+    colour = int(np.bincount(labels[mask], minlength=len(COLOURS)).argmax())
+    return Verdict(COLOURS[colour], shape_of(labels == colour), COLOURS[background])
+
+
+def shape_of(mask: np.ndarray) -> str | None:
+    """Circle, square or triangle from the mask's geometry: a triangle (apex up) is much
+    narrower a quarter of the way down its box than three quarters down; a square fills its box
+    (≈ 1), a circle less (π/4 ≈ 0.79)."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) < 12:
+        return None
+    # Percentiles rather than extremes, so a few stray pixels do not stretch the box.
+    top, bottom = (int(round(v)) for v in np.percentile(ys, [1, 99]))
+    left, right = (int(round(v)) for v in np.percentile(xs, [1, 99]))
+    box = mask[top : bottom + 1, left : right + 1]
+    height = box.shape[0]
+    upper = box[height // 4].sum()
+    lower = box[(3 * height) // 4].sum()
+    if lower > 0 and upper / lower < 0.7:
+        return "triangle"
+    return "square" if box.mean() > 0.88 else "circle"
