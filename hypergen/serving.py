@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Protocol, Sequence
 
 from starlette.concurrency import run_in_threadpool
 
+from .balancing import WorkerPool
 from .config import Settings
 from .errors import (
     OpenAIError,
@@ -25,7 +26,6 @@ from .errors import (
     queue_full_error,
     timeout_error,
 )
-from .balancing import WorkerPool
 from .images import FittedUpload, default_size, fit_upload, open_upload, to_png_b64
 from .metrics import metrics
 from .protocol import (
