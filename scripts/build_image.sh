@@ -72,16 +72,20 @@ if ! buildah images --quiet "$BASE_IMAGE" >/dev/null 2>&1; then
 fi
 
 step "building the Bento (embedded model + CPU torch wheel)"
-wheels="$WORK/wheels"
+wheels="$ROOT/build/wheels"  # inside the build context: BentoML takes only relative wheel paths
 mkdir -p "$wheels"
 python3 -m pip download --no-deps --dest "$wheels" "torch==$(python3 -c 'import torch; print(torch.__version__.split("+")[0])')" >/dev/null
 torch_wheel=$(ls "$wheels"/torch-*.whl | head -1)
 case "$torch_wheel" in *+cpu*) ;; *) echo "expected a CPU torch wheel, got $torch_wheel" >&2; exit 1 ;; esac
-python3 - "$ROOT/bentofile.yaml" "$WORK/bentofile-cpu.yaml" "$torch_wheel" <<'PY'
-import sys, yaml
-source, target, wheel = sys.argv[1:]
-config = yaml.safe_load(open(source))
-config["python"]["wheels"] = [wheel]
+python3 - "$ROOT" "$WORK/bentofile-cpu.yaml" "$torch_wheel" <<'PY'
+import os, sys, yaml
+root, target, wheel = sys.argv[1:]
+config = yaml.safe_load(open(os.path.join(root, "bentofile.yaml")))
+python = config["python"]
+python["wheels"] = [os.path.relpath(wheel, root)]  # BentoML takes wheels relative to the build context
+# The Bento's install script runs in env/python, next to wheels/: naming the wheel file as the
+# torch requirement makes the resolver take it there, so peft and accelerate pull no CUDA torch.
+python["packages"] = [f"./wheels/{os.path.basename(wheel)}" if p.startswith("torch") else p for p in python["packages"]]
 yaml.safe_dump(config, open(target, "w"), sort_keys=False)
 PY
 (cd "$ROOT" && python3 -m hypergen.cli build --bentofile "$WORK/bentofile-cpu.yaml")
