@@ -157,13 +157,13 @@ class WorkerPool:
             load = self.loads[index]
             if isinstance(status, BaseException):
                 status = WorkerStatus(ready=False, detail=f"not reachable ({type(status).__name__})")
+            load.device, load.pid = status.device or load.device, status.pid or load.pid
             if status.ready and not load.ready:
                 # Back after a restart: it rejoins once it has caught up (in the background).
                 if load.catching_up is None:
                     load.catching_up = asyncio.get_running_loop().create_task(self._catch_up(index, status))
                 status = WorkerStatus(ready=False, detail="catching up: run-time adapters, batcher warm-up")
             load.ready, load.detail = status.ready, "" if status.ready else status.detail
-            load.device, load.pid = status.device or load.device, status.pid or load.pid
             statuses[index] = status
         ready = [status for status in statuses if status.ready]
         workers = [load.as_dict() for load in self.loads]

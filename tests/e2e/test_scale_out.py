@@ -30,7 +30,8 @@ def test_two_workers_share_the_load_and_a_killed_one_fails_only_its_requests(sta
     server.wait_until(lambda response: response.status_code == 200 and all(w["ready"] for w in response.json()["workers"]))
     before = workers(server)
     assert [worker["name"] for worker in before] == ["hypergen-worker", "hypergen-worker-2"]
-    assert all(worker["ready"] for worker in before) and before[0]["pid"] != before[1]["pid"]
+    assert all(worker["ready"] for worker in before) and None not in (before[0]["pid"], before[1]["pid"])
+    assert before[0]["pid"] != before[1]["pid"]
 
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda index: generate(server, 4, f"p{index}"), range(8)))

@@ -164,6 +164,7 @@ def test_status_is_not_ready_only_when_no_worker_is_and_names_each():
         await asyncio.sleep(0.01)
         status = await pool.status()
         assert status.ready and status.models == [MODEL] and [w["ready"] for w in status.workers] == [False, True]
+        assert status.workers[1]["pid"] == hash("b") % 1000  # known from its first ready status
 
     run(scenario)
 
