@@ -40,6 +40,8 @@ def _serve_env(args: argparse.Namespace) -> dict[str, str]:
         "HYPERGEN_LOG_LEVEL": args.log_level,
         "HYPERGEN_LORAS": ",".join(args.lora) if args.lora else None,
         "HYPERGEN_LORA_DIRS": ",".join(args.lora_dir) if args.lora_dir else None,
+        "HYPERGEN_WORKERS": args.workers,
+        "HYPERGEN_MEMORY_BUDGET_MB": args.memory_budget_mb,
     }
     env.update({key: str(value) for key, value in mapping.items() if value is not None})
     return env
@@ -110,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="HYPERGEN_LOG_LEVEL (INFO)")
     serve.add_argument("--lora", action="append", help="NAME=PATH_OR_ID[:SCALE], loaded at start; repeatable")
     serve.add_argument("--lora-dir", action="append", help="directory lora_path may load from; repeatable")
+    serve.add_argument("--workers", type=int, help="diffusion worker services, one per GPU (HYPERGEN_WORKERS, 1)")
+    serve.add_argument("--memory-budget-mb", type=float, help="device memory for model weights (HYPERGEN_MEMORY_BUDGET_MB)")
     serve.set_defaults(handler=cmd_serve)
 
     for name, handler, summary in (

@@ -102,6 +102,7 @@ server=$!
 cleanup() {
     if [[ "${KEEP_RUNNING:-0}" != 1 ]]; then
         pkill -f "bentoml serve /home/bentoml/bento --port $PORT" 2>/dev/null || true
+        pkill -f "_bentoml_impl.worker.service /home/bentoml/bento" 2>/dev/null || true  # its services outlive it
         kill "$server" 2>/dev/null || true
         wait "$server" 2>/dev/null || true
         buildah rm hypergen-run >/dev/null 2>&1 || true

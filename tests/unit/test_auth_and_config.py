@@ -48,3 +48,18 @@ def test_several_models_parse_with_the_first_as_default():
     for bad in ("sd", "a=/x,a=/y", "=/x"):
         with pytest.raises(ValueError):
             Settings(models=bad)
+
+
+def test_serve_flags_become_the_settings_every_service_reads(monkeypatch):
+    from hypergen.cli import _serve_env, build_parser
+
+    monkeypatch.delenv("HYPERGEN_WORKERS", raising=False)
+    args = build_parser().parse_args(["serve", "--workers", "2", "--memory-budget-mb", "512", "--api-key", "a", "--api-key", "b"])
+    env = _serve_env(args)
+    assert (env["HYPERGEN_WORKERS"], env["HYPERGEN_MEMORY_BUDGET_MB"], env["HYPERGEN_API_KEYS"]) == ("2", "512.0", "a,b")
+    for key in ("HYPERGEN_WORKERS", "HYPERGEN_MEMORY_BUDGET_MB"):
+        monkeypatch.setenv(key, env[key])
+    settings = load_settings()
+    assert settings.workers == 2 and settings.memory_budget_mb == 512.0
+    with pytest.raises(ValueError):
+        Settings(workers=0)
