@@ -81,13 +81,17 @@ class ModelResidency:
             logger.warning("models on the device use %.1f MB, over the %.1f MB budget (the model in use cannot leave)", self.device_bytes / MB, self.budget_bytes / MB)
 
     def snapshot(self) -> dict[str, Any]:
-        """For `/health`: the budget, what is on the device, and each model's moves."""
+        """For `/health`: the budget, what is on the device, and each model's moves.
+
+        Called from the worker's event loop while `use` may run on the pipeline thread: it reads
+        one copy of the table (taken in a single step under the GIL), never the live one."""
+        models = list(self._models.items())
         return {
             "budget_mb": None if self.budget_bytes is None else round(self.budget_bytes / MB, 2),
-            "device_mb": round(self.device_bytes / MB, 2),
+            "device_mb": round(sum(model.size_bytes for _, model in models if model.on_device) / MB, 2),
             "models": {
                 name: {"on_device": model.on_device, "mb": round(model.size_bytes / MB, 2), "offloads": model.offloads, "reloads": model.reloads}
-                for name, model in self._models.items()
+                for name, model in models
             },
-            "offloaded": [name for name, model in self._models.items() if not model.on_device],
+            "offloaded": [name for name, model in models if not model.on_device],
         }

@@ -188,7 +188,7 @@ class ImageServing:
         self.worker = worker
         self.store = store or ImageStore(settings.home / "images", settings.url_ttl, settings.store_max_bytes)
         # Each worker takes up to a batch at once; more waiting would only add to BentoML's queue.
-        in_flight = settings.max_batch_size * getattr(worker, "size", 1)
+        in_flight = settings.max_batch_size * (worker.size if isinstance(worker, WorkerPool) else 1)
         self.queue = AdmissionQueue(settings.max_queue, max_in_flight=in_flight, on_change=_queue_gauges)
         self.limiter = RateLimiter(parse_rate_limit(settings.rate_limit))
         self.started = int(time.time())
