@@ -193,11 +193,13 @@ class WorkerPool:
             load.catching_up = None
 
     async def manage_loras(self, command: LoraCommand) -> LoraReply:
-        """`list` asks one ready worker; `load` and `unload` go to every ready worker."""
+        """`list` asks one ready worker; `load` and `unload` go to every worker that is ready or
+        catching up (one catching up would otherwise miss a change made meanwhile)."""
         ready = [index for index, load in enumerate(self.loads) if load.ready] or list(range(self.size))
         if command.action == "list":
             return await self._workers[ready[0]].manage_loras(command)
-        replies = await asyncio.gather(*(self._workers[index].manage_loras(command) for index in ready))
+        alive = [index for index, load in enumerate(self.loads) if load.ready or load.catching_up] or ready
+        replies = await asyncio.gather(*(self._workers[index].manage_loras(command) for index in alive))
         failed = [reply for reply in replies if not reply.ok]
         if failed:
             return failed[0]

@@ -150,6 +150,23 @@ def test_a_failed_worker_is_skipped_until_its_status_says_ready_and_gets_adapter
     run(scenario)
 
 
+def test_an_adapter_change_reaches_a_worker_that_is_catching_up():
+    async def scenario():
+        a, b = FakeWorker("a"), FakeWorker("b")
+        b.release.set()
+        pool = WorkerPool([a, b], ["a", "b"], warm_up_calls=1)
+        await pool.status()  # both start catching up; a's warm-up call waits (release not set)
+        await asyncio.sleep(0.01)
+        assert pool.loads[0].catching_up is not None and pool.loads[1].ready
+        await pool.manage_loras(LoraCommand(action="load", name="late", path="late"))
+        assert [c.name for c in a.loras] == ["late"] and [c.name for c in b.loras] == ["late"]
+        a.release.set()
+        await asyncio.sleep(0.01)
+        assert pool.loads[0].ready
+
+    run(scenario)
+
+
 def test_status_is_not_ready_only_when_no_worker_is_and_names_each():
     async def scenario():
         a, b = FakeWorker("a"), FakeWorker("b")
