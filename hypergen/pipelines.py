@@ -69,7 +69,7 @@ def choose_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
-def load_text_to_image(name: str, source: str, device: str | None = None, random_weights: bool = False) -> LoadedPipeline:
+def load_text_to_image(name: str, source: str, device: str | None = None) -> LoadedPipeline:
     """Load a diffusers pipeline from a local directory or a Hub id, ready for text-to-image."""
     from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
@@ -96,7 +96,7 @@ def load_text_to_image(name: str, source: str, device: str | None = None, random
         native_height=defaults.get("height", height),
         default_steps=int(defaults.get("num_inference_steps", 50)),
         default_guidance_scale=float(defaults.get("guidance_scale", 7.5)),
-        random_weights=random_weights or bool(defaults.get("random_weights", False)),
+        random_weights=bool(defaults.get("random_weights", False)),
         load_seconds=time.perf_counter() - started,
         modes=modes,
     )
@@ -332,9 +332,8 @@ def save_tiny_pipeline(directory: str | os.PathLike[str], kind: str = "sd", seed
     return target
 
 
-def embedded_default_path(home: Path | None = None) -> Path:
-    """The embedded default model's directory (shipped inside the package; `home` is unused
-    and kept for callers that cache models there)."""
+def embedded_default_path() -> Path:
+    """The embedded default model's directory (the demo model shipped inside the package)."""
     if not (DEMO_MODEL_DIR / "model_index.json").is_file():
         raise FileNotFoundError(f"the embedded demo model is missing from {DEMO_MODEL_DIR}; reinstall HyperGen")
     return DEMO_MODEL_DIR

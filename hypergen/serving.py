@@ -231,15 +231,15 @@ class ImageServing:
         asyncio.get_running_loop().create_task(poll())
 
     async def _warm_up_batcher(self, model: ModelLimits) -> None:
-        started = time.perf_counter()
-        try:
-            # A pool of workers warms each of its workers itself (before it reports them ready).
-            calls = 0 if isinstance(self.worker, WorkerPool) else BATCHER_WARMUP_CALLS
-            for index in range(calls):
-                await self.worker.generate([GenerationJob.warm_up(model, index)])
-            logger.info("batcher warmed up with %d one-step calls in %.2fs", BATCHER_WARMUP_CALLS, time.perf_counter() - started)
-        except Exception:  # a model that cannot run one step will fail real requests visibly
-            logger.exception("warming up the batcher failed; serving without it")
+        # A pool warms each of its workers itself, before it reports them ready.
+        if not isinstance(self.worker, WorkerPool):
+            started = time.perf_counter()
+            try:
+                for index in range(BATCHER_WARMUP_CALLS):
+                    await self.worker.generate([GenerationJob.warm_up(model, index)])
+                logger.info("batcher warmed up with %d one-step calls in %.2fs", BATCHER_WARMUP_CALLS, time.perf_counter() - started)
+            except Exception:  # a model that cannot run one step will fail real requests visibly
+                logger.exception("warming up the batcher failed; serving without it")
         self.warmed_up = True
         self._status = None
 

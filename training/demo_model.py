@@ -409,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         scores[name] = judge_pipeline(pipe, validation, args.sample_steps, args.guidance)
         log(f"validation ({name}): {scores[name]}")
     chosen = max(scores, key=lambda name: (sum(scores[name].values()), name == "ema"))
-    pipe = assemble_pipeline(*[candidates[chosen][0]], vae, candidates[chosen][1], tokenizer)
+    chosen_unet, chosen_text_encoder = candidates[chosen]
+    pipe = assemble_pipeline(chosen_unet, vae, chosen_text_encoder, tokenizer)
 
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.to(torch.float16).save_pretrained(args.out, safe_serialization=True)
