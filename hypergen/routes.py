@@ -238,6 +238,21 @@ async def read_image_form(
     return body, files
 
 
+# Browsers cannot set headers on a WebSocket; like OpenAI's Realtime API, they may offer the key
+# as a subprotocol instead (`openai-insecure-api-key.<key>`) beside a plain one (`hypergen`).
+KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
+
+
+def socket_credentials(websocket: WebSocket) -> tuple[str | None, str | None]:
+    """The `Authorization` value of a WebSocket (its header, or a key offered as a subprotocol)
+    and the subprotocol to accept: a non-key one when offered, so the key is never echoed."""
+    offered = list(websocket.scope.get("subprotocols") or [])
+    keys = [name[len(KEY_SUBPROTOCOL_PREFIX) :] for name in offered if name.startswith(KEY_SUBPROTOCOL_PREFIX)]
+    plain = [name for name in offered if not name.startswith(KEY_SUBPROTOCOL_PREFIX)]
+    authorization = websocket.headers.get("authorization") or (f"Bearer {keys[0]}" if keys else None)
+    return authorization, (plain or offered or [None])[0]
+
+
 def multipart_body(model: type[BaseModel], files: dict[str, bool]) -> dict[str, Any]:
     """OpenAPI `requestBody` for a multipart route: the model's fields plus binary file parts."""
     schema = model.model_json_schema()
@@ -308,10 +323,11 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         """Send one generation request as JSON; receive `queued`, `started`, `progress` per step,
         partial images, `image_generation.completed` per image (or an `error` object), then the
         socket closes. Auth: the same `Authorization: Bearer` header."""
-        await websocket.accept()
+        authorization, subprotocol = socket_credentials(websocket)
+        await websocket.accept(subprotocol=subprotocol)
         request_id = websocket.scope.get("state", {}).get("request_id") or f"req_{uuid.uuid4().hex}"
         try:
-            websocket.app.state.auth.check(websocket.headers.get("authorization"))
+            websocket.app.state.auth.check(authorization)
             body = ImageGenerationRequest.model_validate(await websocket.receive_json())
             async with aclosing(websocket.app.state.serving.socket_events(body, request_id)) as events:
                 async for event in events:

@@ -191,3 +191,20 @@ def test_websocket_clients_see_their_queue_position_while_they_wait(make_app, en
     assert [event["position"] for event in queued] == [1]  # then "started"
     assert [event["type"] for event in events[:2]] == ["queued", "started"]
     assert queued[0]["estimated_wait_s"] >= 0 and events[-1]["type"] == "image_generation.completed"
+
+
+def test_browsers_send_the_websocket_key_as_a_subprotocol_that_is_never_echoed(make_app, engine):
+    from starlette.testclient import TestClient
+
+    app = make_app(EngineClient(engine), api_keys=["k1"])
+    with TestClient(app) as client:
+        offered = ["hypergen", "openai-insecure-api-key.wrong"]
+        with client.websocket_connect("/v1/images/ws", subprotocols=offered) as socket:
+            socket.send_json({"prompt": "a", "n": 99})
+            assert socket.receive_json()["error"]["code"] == "invalid_api_key"
+        offered = ["hypergen", "openai-insecure-api-key.k1"]
+        with client.websocket_connect("/v1/images/ws", subprotocols=offered) as socket:
+            assert socket.accepted_subprotocol == "hypergen"
+            socket.send_json({"prompt": "a", "n": 99})
+            error = socket.receive_json()
+            assert error["type"] == "error" and error["error"]["param"] == "n"
