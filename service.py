@@ -20,7 +20,7 @@ from hypergen.bento import (
     worker_copies,
 )
 from hypergen.config import load_settings
-from hypergen.logs import configure_logging
+from hypergen.logs import access_logging, configure_logging
 from hypergen.protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerStatus
 from hypergen.routes import create_app
 from hypergen.serving import ImageServing, worker_client
@@ -30,7 +30,9 @@ configure_logging(settings.log_level)
 app = create_app(settings.max_body_bytes)
 
 
-@bentoml.service(name="hypergen-worker", resources={"gpu": 1}, traffic=traffic(settings, "worker"), workers=1)
+@bentoml.service(
+    name="hypergen-worker", resources={"gpu": 1}, traffic=traffic(settings, "worker"), workers=1, logging=access_logging()
+)
 class DiffusionWorker:
     """Owns the diffusers pipeline; the only process that imports torch."""
 
@@ -54,8 +56,8 @@ class DiffusionWorker:
             yield json.dumps(event) + "\n"
 
     @bentoml.api
-    async def cancel(self, request_id: str) -> None:
-        self.engine.cancel(request_id)
+    async def cancel(self, job_id: str) -> None:
+        self.engine.cancel(job_id)
 
     @bentoml.api
     async def status(self) -> WorkerStatus:
@@ -72,7 +74,7 @@ DiffusionWorker.models.extend(extra_references(settings))
 DIFFUSION_WORKERS = worker_copies(DiffusionWorker, settings)
 
 
-@bentoml.service(name="hypergen", traffic=traffic(settings, "api"), workers=1)
+@bentoml.service(name="hypergen", traffic=traffic(settings, "api"), workers=1, logging=access_logging())
 @bentoml.asgi_app(app, path="/")
 @depend_on_each(DIFFUSION_WORKERS)  # `worker`, `worker_2`, ...: a bentoml.depends each
 class ImageAPI:

@@ -89,17 +89,17 @@ class WorkerPool:
         self.loads[index].in_flight_images += images
         return index
 
-    def _release(self, index: int, images: int, request_ids: Sequence[str], outcome: str) -> None:
+    def _release(self, index: int, images: int, job_ids: Sequence[str], outcome: str) -> None:
         load = self.loads[index]
         load.in_flight_images -= images
         if outcome == "served":
-            load.served += len(request_ids)
+            load.served += len(job_ids)
         elif outcome == "failed":
-            load.failed += len(request_ids)
-        for request_id in request_ids:
-            self._owner.pop(request_id, None)
+            load.failed += len(job_ids)
+        for job_id in job_ids:
+            self._owner.pop(job_id, None)
             if outcome == "cancelled":
-                self._abandoned[request_id] = index
+                self._abandoned[job_id] = index
                 while len(self._abandoned) > MAX_REMEMBERED_ABANDONED:
                     self._abandoned.popitem(last=False)
 
@@ -113,8 +113,8 @@ class WorkerPool:
     async def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult]:
         images = sum(job.n for job in jobs)
         index = self.choose(images)
-        request_ids = [job.request_id for job in jobs]
-        self._owner.update(dict.fromkeys(request_ids, index))
+        job_ids = [job.job_id for job in jobs]
+        self._owner.update(dict.fromkeys(job_ids, index))
         outcome = "cancelled"
         try:
             results = await self._workers[index].generate(jobs)
@@ -125,11 +125,11 @@ class WorkerPool:
             self._mark_failed(index, error)
             raise
         finally:
-            self._release(index, images, request_ids, outcome)
+            self._release(index, images, job_ids, outcome)
 
     async def generate_stream(self, job: GenerationJob, partial_images: int, progress: bool = False) -> AsyncIterator[dict[str, Any]]:
         index = self.choose(job.n)
-        self._owner[job.request_id] = index
+        self._owner[job.job_id] = index
         outcome = "cancelled"  # unless it ends or fails: the client went away
         try:
             async with aclosing(self._workers[index].generate_stream(job, partial_images, progress)) as events:
@@ -141,12 +141,12 @@ class WorkerPool:
             self._mark_failed(index, error)
             raise
         finally:
-            self._release(index, job.n, [job.request_id], outcome)
+            self._release(index, job.n, [job.job_id], outcome)
 
-    async def cancel(self, request_id: str) -> None:
-        index = self._owner.get(request_id, self._abandoned.pop(request_id, None))
+    async def cancel(self, job_id: str) -> None:
+        index = self._owner.get(job_id, self._abandoned.pop(job_id, None))
         if index is not None:  # else never dispatched, or finished: nothing runs anywhere
-            await self._workers[index].cancel(request_id)
+            await self._workers[index].cancel(job_id)
 
     async def status(self) -> WorkerStatus:
         """Ready when any worker is; models and dtype from a ready one; each worker in `workers`."""
@@ -171,7 +171,8 @@ class WorkerPool:
             details = "; ".join(f"{load.name}: {load.detail}" for load in self.loads)
             return WorkerStatus(ready=False, detail=details, workers=workers)
         devices = ",".join(dict.fromkeys(status.device or "?" for status in ready))
-        return ready[0].model_copy(update={"device": devices, "workers": workers, "pid": None})
+        busy = [call for status in ready for call in status.busy]
+        return ready[0].model_copy(update={"device": devices, "workers": workers, "pid": None, "busy": busy})
 
     async def _catch_up(self, index: int, status: WorkerStatus) -> None:
         """A worker that (re)started has only its start-up adapters and a cold batcher: replay

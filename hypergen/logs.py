@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
 
@@ -18,3 +19,35 @@ def configure_logging(level: str = "INFO") -> None:
         handler._hypergen = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.propagate = False
+
+
+# Access-log lines BentoML would print for HyperGen's own traffic: the API polls the worker's
+# `/status` several times a second, and probes poll `/health` and `/metrics`.
+QUIET_ACCESS_PATHS = ["/status", "/health", "/metrics", "/healthz", "/livez", "/readyz"]
+
+
+def access_logging() -> dict[str, Any]:
+    """`@bentoml.service(logging=...)`: access lines for real requests only."""
+    return {"access": {"enabled": True, "skip_paths": QUIET_ACCESS_PATHS}}
+
+
+class _DropTorchvisionFallback(logging.Filter):
+    """transformers warns at every import that its image processors fall back to PIL without
+    torchvision; HyperGen's pipelines do not use those processors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+def quiet_model_libraries() -> None:
+    """Before importing diffusers in the worker: no tqdm bars or torchvision notices at start;
+    HyperGen logs what it loads and how long it took instead."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.get_logger("transformers")  # installs the library's handler
+    for handler in logging.getLogger("transformers").handlers:
+        handler.addFilter(_DropTorchvisionFallback())
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()

@@ -70,6 +70,13 @@ def resolve_allowed_path(requested: str, allowed_dirs: Iterable[Path]) -> Path:
     roots = [Path(os.path.realpath(directory)) for directory in allowed_dirs]
     if not roots:
         raise LoraError("Loading adapters by path is disabled on this server (HYPERGEN_LORA_DIRS is not set).")
+    try:
+        return _find_weights(requested, roots)
+    except (OSError, ValueError):  # NUL bytes, names longer than the OS allows, unreadable entries
+        raise LoraError("The adapter path is not a readable path.") from None
+
+
+def _find_weights(requested: str, roots: list[Path]) -> Path:
     candidates = [Path(requested)] if os.path.isabs(requested) else [root / requested for root in roots]
     outside = True
     for candidate in candidates:
@@ -84,6 +91,15 @@ def resolve_allowed_path(requested: str, allowed_dirs: Iterable[Path]) -> Path:
     if outside:
         raise LoraError(f"'{requested}' is outside the directories adapters may be loaded from.")
     raise LoraError(f"No LoRA weights ({', '.join(WEIGHT_SUFFIXES)}) found at '{requested}'.")
+
+
+def shown_path(real: Path, allowed_dirs: Iterable[Path]) -> str:
+    """How clients see an adapter path: relative to its allowed directory, never absolute."""
+    for directory in allowed_dirs:
+        root = Path(os.path.realpath(directory))
+        if real == root or root in real.parents:
+            return real.relative_to(root).as_posix() or "."
+    return real.name
 
 
 def weights_size(path: Path) -> int:
@@ -111,8 +127,12 @@ class LoraManager:
     def list(self) -> list[dict[str, Any]]:
         return [adapter.describe() for adapter in self._adapters.values()]
 
-    def load(self, name: str, source: str, scale: float = 1.0, pinned: bool = False, protect: Iterable[str] = ()) -> LoadedAdapter:
-        """Load `source` (a directory or file, a BentoML model tag, or a Hub id) as `name`."""
+    def load(
+        self, name: str, source: str, scale: float = 1.0, pinned: bool = False, protect: Iterable[str] = (), shown: str | None = None
+    ) -> LoadedAdapter:
+        """Load `source` (a directory or file, a BentoML model tag, or a Hub id) as `name`;
+        `shown` is the source as clients see it (server paths relative to their allowed dir)."""
+        shown = shown or source
         if name in self._adapters:
             raise LoraError(f"An adapter named '{name}' is already loaded; unload it first.", status=409)
         location = self._locate(source)
@@ -125,22 +145,25 @@ class LoraManager:
             self._forget_partial(key)
             metrics().lora_loads.labels(outcome="failed").inc()
             logger.warning("loading LoRA '%s' from %s failed: %s", name, source, error)
-            raise LoraError(f"Could not load LoRA weights from '{source}': {type(error).__name__}.") from None
+            raise LoraError(f"Could not load LoRA weights from '{shown}': {type(error).__name__}.") from None
         seconds = time.perf_counter() - started
         self._state_changed()  # diffusers leaves the new adapter active
         size = weights_size(Path(location)) if os.path.exists(location) else 0
         now = time.time()
-        adapter = LoadedAdapter(name, key, source, scale, pinned, now, size, seconds, now)
+        adapter = LoadedAdapter(name, key, shown, scale, pinned, now, size, seconds, now)
         self._adapters[name] = adapter
         metrics().lora_loads.labels(outcome="loaded").inc()
         metrics().loras_loaded.set(len(self._adapters))
         logger.info("LoRA '%s' loaded from %s in %.1f ms (%d bytes)%s", name, source, seconds * 1000, size, " [pinned]" if pinned else "")
         return adapter
 
-    def unload(self, name: str) -> None:
-        adapter = self._adapters.pop(name, None)
+    def unload(self, name: str, evicting: bool = False) -> None:
+        adapter = self._adapters.get(name)
         if adapter is None:
             raise LoraError(f"No adapter named '{name}' is loaded.", status=404)
+        if adapter.pinned and not evicting:
+            raise LoraError(f"The adapter '{name}' was loaded at start (HYPERGEN_LORAS) and is pinned.", status=409)
+        del self._adapters[name]
         started = time.perf_counter()
         self.pipe.delete_adapters(adapter.adapter_name)
         self._state_changed()
@@ -152,8 +175,8 @@ class LoraManager:
         adapter = self._adapters.get(lora_path)
         if adapter is None:
             real = resolve_allowed_path(lora_path, self.allowed_dirs)
-            name = str(real)
-            adapter = self._adapters.get(name) or self.load(name, name, protect=protect)
+            name = shown_path(real, self.allowed_dirs)
+            adapter = self._adapters.get(name) or self.load(name, str(real), protect=protect, shown=name)
         adapter.last_used = time.time()
         return adapter
 
@@ -178,7 +201,10 @@ class LoraManager:
         if is_bentoml_tag(source):
             import bentoml
 
-            return bentoml.models.get(source).path
+            try:
+                return bentoml.models.get(source).path
+            except Exception:  # bentoml.exceptions.NotFound, or a tag BentoML cannot parse
+                raise LoraError(f"No BentoML model '{source}' is in this server's model store.", status=404) from None
         return source
 
     def _make_room(self, protect: Iterable[str]) -> None:
@@ -189,7 +215,7 @@ class LoraManager:
                 return  # every loaded adapter is pinned or in use by this batch: go over the limit
             victim = min(candidates, key=lambda adapter: adapter.last_used)
             logger.info("evicting LoRA '%s' (least recently used)", victim.name)
-            self.unload(victim.name)
+            self.unload(victim.name, evicting=True)
 
     def _state_changed(self) -> None:
         """After a load or unload the pipeline's adapter state is diffusers' choice (a new adapter

@@ -27,6 +27,9 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-model"
 # the tiny pipelines' image-to-image and inpainting keep what they are given.
 PIXEL_VAE_DIR = Path(__file__).resolve().parent / "assets" / "pixel-vae"
 # Optional per-model defaults a model directory may carry (HyperGen's own convention).
+# Without its `max_side`, a model draws at most twice its native side: OpenAI's default
+# 1024x1024 on a 64x64 model is 256x the pixels, and one step of it took ~18 minutes on a CPU.
+MAX_SIDE_PER_NATIVE_SIDE = 2
 MODEL_DEFAULTS_FILE = "hypergen.json"
 
 
@@ -43,6 +46,7 @@ class LoadedPipeline:
     native_height: int
     default_steps: int
     default_guidance_scale: float
+    max_side: int  # the largest side it is asked to draw (larger steps cost minutes or hours)
     random_weights: bool
     load_seconds: float
     # "text-to-image" → pipe; "image-to-image" / "inpainting" → pipelines sharing its weights.
@@ -76,11 +80,13 @@ def load_text_to_image(name: str, source: str, device: str | None = None) -> Loa
     started = time.perf_counter()
     device = choose_device(device)
     dtype = choose_dtype(device)
+    logger.info("loading model '%s' from %s onto %s (%s)", name, source, device, str(dtype).replace("torch.", ""))
     try:
         pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
     except (ValueError, KeyError):
         # Pipelines AutoPipeline has no mapping for (community or newer classes) still load generically.
         pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype)
+    logger.info("model '%s': %s read in %.2fs", name, describe_components(pipe), time.perf_counter() - started)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     width, height = native_size(pipe)
@@ -96,10 +102,25 @@ def load_text_to_image(name: str, source: str, device: str | None = None) -> Loa
         native_height=defaults.get("height", height),
         default_steps=int(defaults.get("num_inference_steps", 50)),
         default_guidance_scale=float(defaults.get("guidance_scale", 7.5)),
+        max_side=int(defaults.get("max_side", MAX_SIDE_PER_NATIVE_SIDE * max(width, height))),
         random_weights=bool(defaults.get("random_weights", False)),
         load_seconds=time.perf_counter() - started,
         modes=modes,
     )
+
+
+def describe_components(pipe: Any) -> str:
+    """`unet UNet2DConditionModel 3.3M, vae AutoencoderKL 0.2M, ...`: what a pipeline is made of."""
+    parts = []
+    for key, component in pipe.components.items():
+        if component is None:
+            continue
+        if isinstance(component, torch.nn.Module):
+            millions = sum(parameter.numel() for parameter in component.parameters()) / 1e6
+            parts.append(f"{key} {type(component).__name__} {millions:.1f}M")
+        else:
+            parts.append(f"{key} {type(component).__name__}")
+    return f"{type(pipe).__name__} [{', '.join(parts)}]"
 
 
 def load_inpainting(source: str, device: str, dtype: Any) -> Any:

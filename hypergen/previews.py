@@ -46,14 +46,17 @@ class StepPreviews:
         images: list[tuple[int, int]],
         tickets: dict[int, StreamTicket],
         is_cancelled: Callable[[int], bool] = lambda job: False,
+        on_step: Callable[[int], None] = lambda steps_done: None,
     ) -> None:
         self.images = images  # (job index, image index) per batch position
         self.tickets = tickets  # job index → ticket, for the streaming jobs of this call
         self.is_cancelled = is_cancelled  # job index → whether its request has gone
+        self.on_step = on_step  # steps done so far, for /health
         self.jobs = sorted({job for job, _ in images})
         self.sent: dict[int, int] = {}
 
     def __call__(self, pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.on_step(step + 1)
         if all(self.is_cancelled(job) for job in self.jobs):
             if not getattr(pipe, "_interrupt", False):
                 logger.info("interrupting a pipeline call at step %d: every request in it has gone", step)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -32,7 +33,7 @@ ALLOWED: dict[str, str] = {
     "num_inference_steps": "an integer from 1 to 150",
     "guidance_scale": "a number from 1.0 to 20.0",
     "seed": "an integer from 0 to 2**63 - 1",
-    "lora_path": "the name of a loaded LoRA adapter or a path inside HYPERGEN_LORA_DIRS",
+    "lora_path": "the name of a loaded LoRA adapter or a path inside HYPERGEN_LORA_DIRS (at most 1024 printable characters)",
     "lora_scale": "a number from 0.0 to 2.0",
     "strength": "a number greater than 0.0 and at most 1.0",
     "input_fidelity": "'high' or 'low'",
@@ -45,10 +46,19 @@ Mode = Literal["text-to-image", "image-to-image", "inpainting"]
 
 MAX_PROMPT_CHARS = 32000
 MAX_SEED = 2**63 - 1
+# Longer than any real adapter path, shorter than what the OS refuses (PATH_MAX 4096).
+MAX_LORA_PATH_CHARS = 1024
 # OpenAI's ImagesResponse.size enum: other sizes are left out of the response, not echoed.
 OPENAI_RESPONSE_SIZES = ("1024x1024", "1024x1536", "1536x1024")
 
 _SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+
+
+def reject_control_characters(value: str | None) -> str | None:
+    """NUL and other control characters are never part of a name or path: refused at the API."""
+    if value is not None and any(ord(character) < 32 or ord(character) == 127 for character in value):
+        raise ValueError("it contains control characters")
+    return value
 
 
 class ImageRequestOptions(BaseModel):
@@ -74,8 +84,10 @@ class ImageRequestOptions(BaseModel):
     num_inference_steps: int | None = Field(default=None, ge=1, le=150)
     guidance_scale: float | None = Field(default=None, ge=1.0, le=20.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    lora_path: str | None = Field(default=None, min_length=1)
+    lora_path: str | None = Field(default=None, min_length=1, max_length=MAX_LORA_PATH_CHARS)
     lora_scale: float | None = Field(default=None, ge=0.0, le=2.0)
+
+    _lora_path_printable = field_validator("lora_path")(reject_control_characters)
 
 
 class PromptFields(BaseModel):
@@ -130,9 +142,14 @@ def parse_size(size: str) -> tuple[int, int]:
     if width <= 0 or height <= 0:
         raise ValueError(f"size '{size}' must have positive sides")
     if width % 8 or height % 8:
-        suggestion = f"{_round8(width)}x{_round8(height)}"
-        raise ValueError(f"size '{size}' is not a multiple of 8; try '{suggestion}'")
+        raise NotMultipleOf8(f"size '{size}' is not a multiple of 8; try '{_round8(width)}x{_round8(height)}'", (width, height))
     return width, height
+
+
+class NotMultipleOf8(ValueError):
+    def __init__(self, message: str, sides: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.sides = sides
 
 
 def _round8(value: int) -> int:
@@ -155,20 +172,32 @@ class ModelLimits(BaseModel):
         """Validated (width, height) for a request's `size` (None or 'auto' = native)."""
         if size is None or size.strip().lower() == "auto":
             return self.native_width, self.native_height
-        width, height = parse_size(size)
-        for side in (width, height):
-            if not self.min_side <= side <= self.max_side:
-                raise ValueError(
-                    f"size '{size}' is outside the limits of model '{self.id}': each side must be "
-                    f"from {self.min_side} to {self.max_side} pixels"
-                )
+        try:
+            width, height = parse_size(size)
+        except NotMultipleOf8 as error:
+            raise ValueError(f"size '{size}' is not a multiple of 8; try '{self.nearest_size(*error.sides)}'") from None
+        if not (self.min_side <= width <= self.max_side and self.min_side <= height <= self.max_side):
+            raise ValueError(
+                f"size '{size}' is outside what model '{self.id}' makes: each side from {self.min_side} to "
+                f"{self.max_side} pixels (the largest is '{self.max_side}x{self.max_side}'); try '{self.nearest_size(width, height)}'"
+            )
         return width, height
+
+    def nearest_size(self, width: int, height: int) -> str:
+        """The closest size this model accepts: sides clamped to its limits, multiples of 8."""
+        low, high = -(-self.min_side // 8) * 8, self.max_side // 8 * 8
+        return "x".join(str(min(high, max(low, _round8(side)))) for side in (width, height))
 
 
 class GenerationJob(BaseModel):
     """One request as the worker sees it: everything resolved, one seed per image."""
 
-    request_id: str
+    request_id: str = Field(description="the client's X-Request-ID (or ours): for logs only")
+    job_id: str = Field(
+        default_factory=lambda: f"job_{uuid.uuid4().hex}",
+        description="made by the server: the only key of the worker's job, stream and cancel tables",
+    )
+    is_warm_up: bool = Field(default=False, description="a batcher warm-up call, logged at DEBUG")
     model: str
     prompt: str
     negative_prompt: str | None = None
@@ -204,6 +233,7 @@ class GenerationJob(BaseModel):
             guidance_scale=model.default_guidance_scale,
             seeds=[index],
             admitted_at=time.time(),
+            is_warm_up=True,
         )
 
 
@@ -232,6 +262,10 @@ class WorkerStatus(BaseModel):
     pid: int | None = Field(default=None, description="the worker's process ID")
     memory: dict[str, Any] | None = Field(default=None, description="memory budget and where each model lives")
     workers: list[dict[str, Any]] = Field(default_factory=list, description="per-worker load, with several workers")
+    busy: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="pipeline calls running now: requests, images, size, steps, step, started_at (time.time())",
+    )
 
 
 class LoraCommand(BaseModel):
@@ -257,7 +291,9 @@ class LoraLoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    path: str = Field(min_length=1, max_length=4096)
+    path: str = Field(min_length=1, max_length=MAX_LORA_PATH_CHARS)
+
+    _path_printable = field_validator("path")(reject_control_characters)
     scale: float = Field(default=1.0, ge=0.0, le=2.0)
 
 

@@ -25,6 +25,7 @@ from . import __version__
 from .auth import ApiKeyAuth
 from .errors import OpenAIError, error_response, install_error_handlers, validation_error_to_openai
 from .metrics import metrics
+from .playground import mount_playground
 from .protocol import (
     ALLOWED,
     ImageEditRequest,
@@ -381,6 +382,8 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
     async def health(images: ImageServing = Depends(serving)) -> JSONResponse:
         ready, body = await images.health()
         return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
+
+    mount_playground(app)
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"], include_in_schema=False)
     async def unknown_route(request: Request) -> Any:

@@ -78,7 +78,7 @@ class WorkerClient(Protocol):
 
     def generate_stream(self, job: GenerationJob, partial_images: int, progress: bool = False) -> AsyncIterator[dict[str, Any]]: ...
 
-    async def cancel(self, request_id: str) -> None: ...
+    async def cancel(self, job_id: str) -> None: ...
 
 
 def keep_worker_session_open(dependency: Any) -> None:
@@ -112,8 +112,8 @@ class BentoWorkerClient:
     async def manage_loras(self, command: LoraCommand) -> LoraReply:
         return LoraReply.model_validate(await self._worker.to_async.manage_loras(command))
 
-    async def cancel(self, request_id: str) -> None:
-        await self._worker.to_async.cancel(request_id=request_id)
+    async def cancel(self, job_id: str) -> None:
+        await self._worker.to_async.cancel(job_id=job_id)
 
     async def generate_stream(
         self, job: GenerationJob, partial_images: int, progress: bool = False
@@ -264,6 +264,8 @@ class ImageServing:
         }
         if status.memory:
             body["memory"] = status.memory
+        # The worker's own view: a call can outlive the requests the API has already given up on.
+        body["busy"] = [{**call, "running_s": round(time.time() - call["started_at"], 1)} for call in status.busy]
         if isinstance(self.worker, WorkerPool):  # live counts, not the cached status's
             body["workers"] = [load.as_dict() for load in self.worker.loads]
         if not status.ready:
@@ -438,11 +440,11 @@ class ImageServing:
                         yield {"type": "error", "body": error.body()}
         except TimeoutError:
             status = 504
-            self._cancel_in_worker(job.request_id)
+            self._cancel_in_worker(job)
             yield {"type": "error", "body": timeout_error(self.settings.request_timeout).body()}
         except (asyncio.CancelledError, GeneratorExit):
             status = 499  # the client went away: tell the worker to drop or interrupt the job
-            self._cancel_in_worker(job.request_id)
+            self._cancel_in_worker(job)
             raise
         finally:
             await slot.__aexit__(None, None, None)
@@ -497,14 +499,14 @@ class ImageServing:
         except asyncio.TimeoutError:
             status = 504
             metrics().rejected.labels(reason="timeout").inc()
-            self._cancel_in_worker(job.request_id)  # and stop spending the GPU on it
+            self._cancel_in_worker(job)  # and stop spending the GPU on it
             raise timeout_error(self.settings.request_timeout) from None
         except OpenAIError as error:
             status = error.status_code
             raise
         except asyncio.CancelledError:
             status = 499  # the client went away: its slot is freed, its job dropped or interrupted
-            self._cancel_in_worker(job.request_id)
+            self._cancel_in_worker(job)
             raise
         finally:
             self._log_request(job, status, started, result)
@@ -573,14 +575,14 @@ class ImageServing:
             raise generation_failed(job.request_id)
         return result
 
-    def _cancel_in_worker(self, request_id: str) -> None:
+    def _cancel_in_worker(self, job: GenerationJob) -> None:
         """Fire and forget: the worker drops the job, or interrupts its call once nobody is left."""
 
         async def cancel() -> None:
             try:
-                await self.worker.cancel(request_id)
+                await self.worker.cancel(job.job_id)
             except Exception:  # the worker is gone or restarting: nothing left to cancel
-                logger.warning("request %s: could not cancel it in the worker", request_id)
+                logger.warning("request %s: could not cancel it in the worker", job.request_id)
 
         task = asyncio.get_running_loop().create_task(cancel())
         self._background.add(task)

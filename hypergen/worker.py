@@ -20,7 +20,8 @@ from typing import Any, AsyncIterator, Sequence
 from .batching import PipelineCall, group_compatible_jobs
 from .config import Settings, is_bentoml_tag
 from .encoding import encode_image_b64
-from .loras import LoadedAdapter, LoraError, LoraManager, resolve_allowed_path
+from .logs import quiet_model_libraries
+from .loras import LoadedAdapter, LoraError, LoraManager, resolve_allowed_path, shown_path
 from .metrics import metrics
 from .previews import StepPreviews, StreamTicket
 from .protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, ModelLimits, WorkerStatus
@@ -75,7 +76,7 @@ def model_limits(loaded: Any) -> ModelLimits:
         native_width=loaded.native_width,
         native_height=loaded.native_height,
         min_side=min(64, native_side),
-        max_side=max(1024, 2 * native_side),
+        max_side=max(loaded.max_side, native_side),
         default_steps=loaded.default_steps,
         default_guidance_scale=loaded.default_guidance_scale,
         modes=list(loaded.modes),
@@ -92,15 +93,22 @@ def locate_model(source: str) -> str:
 
 
 def _looks_like_hub_id(source: str, allowed_dirs: list[Any]) -> bool:
-    """`org/name` that is not a path under an allowed directory: left to diffusers' Hub loader."""
+    """`org/name` that is no path under an allowed directory nor relative to the worker's own
+    directory (diffusers would load that local path): left to diffusers' Hub loader."""
     import re
 
     if os.path.isabs(source) or source.startswith(".") or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         return False
+    if os.path.exists(source):
+        return False
     return not any(os.path.exists(os.path.join(directory, source)) for directory in allowed_dirs)
 
 
-# Request IDs remembered as cancelled (a job may arrive after its cancellation).
+class CallInterrupted(Exception):
+    """A pipeline call stopped early because every request in it was cancelled."""
+
+
+# Job IDs remembered as cancelled (a job may arrive after its cancellation).
 MAX_REMEMBERED_CANCELLATIONS = 10_000
 
 
@@ -117,6 +125,7 @@ class DiffusionEngine:
         self._streams: dict[str, StreamTicket] = {}  # request ID → ticket, while it streams
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # request IDs the API gave up on
         self._stream_lock = threading.Lock()
+        self._busy: dict[str, Any] | None = None  # the pipeline call running now, for /health
         self.loras: LoraManager | None = None  # the default model's adapters
         self._extra: dict[str, tuple[Any, LoraManager]] = {}  # HYPERGEN_MODELS beyond the first
         budget = int(settings.memory_budget_mb * MB) if settings.memory_budget_mb else None
@@ -138,6 +147,7 @@ class DiffusionEngine:
         return locate_model(source)
 
     def _load(self) -> None:
+        quiet_model_libraries()
         import torch
 
         from .pipelines import load_inpainting, load_text_to_image
@@ -203,6 +213,7 @@ class DiffusionEngine:
             models=models,
             pid=os.getpid(),
             memory=self.residency.snapshot(),
+            busy=[dict(busy)] if (busy := self._busy) else [],
         )
 
     def _model(self, name: str) -> tuple[Any, LoraManager]:
@@ -263,6 +274,9 @@ class DiffusionEngine:
             except LoraError as error:
                 results[index].error = error.message
                 results[index].error_status, results[index].error_param = 400, "lora_path"
+            except Exception as error:  # this job's adapter failed: it fails alone, never its batch-mates
+                logger.exception("request %s: resolving its adapter failed", job.request_id)
+                results[index].error = f"{type(error).__name__}: {error}"
         return adapters
 
     # --- streaming -----------------------------------------------------------------------------
@@ -279,7 +293,7 @@ class DiffusionEngine:
         ticket = StreamTicket(job, partial_images, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), progress)
         with self._stream_lock:
             self._stream_pending.append(ticket)
-            self._streams[job.request_id] = ticket
+            self._streams[job.job_id] = ticket
         loop.run_in_executor(self._executor, self._drain_streams)
         try:
             while True:
@@ -290,24 +304,24 @@ class DiffusionEngine:
         finally:
             ticket.cancelled.set()
             with self._stream_lock:
-                self._streams.pop(job.request_id, None)
+                self._streams.pop(job.job_id, None)
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, job_id: str) -> None:
         """The API gave up on a request (its client left, or it timed out): drop the job if it has
         not started; interrupt its pipeline call at the next step once nobody in it is left. The
         API says so explicitly: closing a BentoML stream early does not close its HTTP response."""
         with self._stream_lock:
-            ticket = self._streams.get(request_id)
-            self._cancelled[request_id] = None
+            ticket = self._streams.get(job_id)
+            self._cancelled[job_id] = None
             while len(self._cancelled) > MAX_REMEMBERED_CANCELLATIONS:
                 self._cancelled.popitem(last=False)
         if ticket is not None:
             ticket.cancelled.set()
-            ticket.emit({"kind": "error", "result": {"request_id": request_id, "error": "cancelled by the client"}})
+            ticket.emit({"kind": "error", "result": {"request_id": ticket.job.request_id, "error": "cancelled by the client"}})
 
     def _job_cancelled(self, jobs: list[GenerationJob], index: int) -> bool:
         ticket = self._tickets.get(index)
-        return (ticket is not None and ticket.cancelled.is_set()) or jobs[index].request_id in self._cancelled
+        return (ticket is not None and ticket.cancelled.is_set()) or jobs[index].job_id in self._cancelled
 
     def _drain_streams(self) -> None:
         """On the pipeline thread: run every streaming job waiting now, as one batch."""
@@ -336,10 +350,11 @@ class DiffusionEngine:
             return LoraReply(ok=False, status=503, message="The model is not loaded yet.")
         try:
             if command.action == "load":
-                source = command.path or ""
+                source = shown = command.path or ""
                 if not is_bentoml_tag(source) and not _looks_like_hub_id(source, self.settings.lora_dir_list):
-                    source = str(resolve_allowed_path(source, self.settings.lora_dir_list))
-                self.loras.load(command.name or "", source, command.scale)
+                    real = resolve_allowed_path(source, self.settings.lora_dir_list)
+                    source, shown = str(real), shown_path(real, self.settings.lora_dir_list)
+                self.loras.load(command.name or "", source, command.scale, shown=shown)
             elif command.action == "unload":
                 self.loras.unload(command.name or "")
         except LoraError as error:
@@ -353,6 +368,12 @@ class DiffusionEngine:
         bad request cannot fail the others."""
         try:
             self._run_call(jobs, call, results, adapters)
+            return
+        except CallInterrupted as interrupted:
+            # Everyone in the call had gone: half-denoised images must never be delivered.
+            for job_index in call.job_indices:
+                results[job_index].error = f"cancelled: {interrupted}"
+                results[job_index].error_status = 499
             return
         except Exception as error:
             failed_jobs = call.job_indices
@@ -418,11 +439,27 @@ class DiffusionEngine:
         }
         arguments.update(self._mode_arguments(jobs, call))
         call_tickets = {job: self._tickets[job] for job in call.job_indices if job in self._tickets}
-        arguments["callback_on_step_end"] = StepPreviews(call.images, call_tickets, lambda job: self._job_cancelled(jobs, job))
-        arguments["callback_on_step_end_tensor_inputs"] = ["latents"]
         started_at = time.time()
+        busy = {
+            "requests": [jobs[job].request_id for job in call.job_indices],
+            "images": len(call.images),
+            "size": f"{first.width}x{first.height}",
+            "steps": first.num_inference_steps,
+            "step": 0,
+            "started_at": started_at,
+        }
+        arguments["callback_on_step_end"] = StepPreviews(
+            call.images, call_tickets, lambda job: self._job_cancelled(jobs, job), on_step=lambda done: busy.update(step=done)
+        )
+        arguments["callback_on_step_end_tensor_inputs"] = ["latents"]
         started = time.perf_counter()
-        output = pipe(**arguments)
+        self._busy = busy
+        try:
+            output = pipe(**arguments)
+        finally:
+            self._busy = None
+        if getattr(pipe, "_interrupt", False):
+            raise CallInterrupted(f"interrupted at step {busy['step']} of {first.num_inference_steps}")
         generation_s = time.perf_counter() - started
         encode_started = time.perf_counter()
         images = output.images
@@ -447,7 +484,8 @@ class DiffusionEngine:
             result.encode_s += encode_s * len(job_images) / len(call.images)
             result.batch_images = max(result.batch_images, len(call.images))
         observe_call(first.mode, len(call.images), len(call.job_indices), generation_s, encode_s)
-        logger.info(
+        logger.log(
+            logging.DEBUG if first.is_warm_up else logging.INFO,
             "pipeline call: %d images for %d requests, %dx%d, %d steps, %.3fs generation, %.3fs encoding",
             len(call.images),
             len(call.job_indices),

@@ -30,6 +30,9 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 COLOURS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle")
 SIZE = 64
+# An outlined shape's stroke, as a fraction of the shape's size (its bounding box's width): 4–6
+# pixels, so the ring survives the demo model's 4× autoencoder (a latent pixel is 4×4 pixels).
+OUTLINE_STROKE = 0.15
 
 # Words the tokenizer knows beyond the world's own; they carry no meaning and training scatters
 # them through captions so prompts written in a more natural style still work.
@@ -96,26 +99,42 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return " ".join(words)
 
 
-def draw(scene: Scene, rng: random.Random, size: int = SIZE) -> Image.Image:
+def draw(scene: Scene, rng: random.Random, size: int = SIZE, outline: bool = False) -> Image.Image:
     """The scene near the middle, its size and position varying a little (a demo model this small
-    learns shapes far faster when they do not wander); 4× supersampled so edges are smooth."""
+    learns shapes far faster when they do not wander); 4× supersampled so edges are smooth.
+
+    `outline=True` draws the same shape (same size and place for the same `rng` state) hollow:
+    a stroke `OUTLINE_STROKE` of its size wide in the shape's colour around the background colour
+    (the look the demo LoRA, `training.demo_lora`, teaches)."""
     scale = 4
     big = size * scale
     half = rng.uniform(0.20, 0.32) * big
     cx = big / 2 + rng.uniform(-0.12, 0.12) * big
     cy = big / 2 + rng.uniform(-0.12, 0.12) * big
     ys, xs = np.mgrid[0:big, 0:big] + 0.5
-    if scene.shape == "circle":
-        inside = (xs - cx) ** 2 + (ys - cy) ** 2 <= half**2
-    elif scene.shape == "square":
-        inside = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
-    else:  # an upright triangle filling its bounding box's lower half-width at the base
-        top, bottom = cy - half, cy + half
-        depth = (ys - top) / (bottom - top)
-        inside = (depth >= 0) & (depth <= 1) & (np.abs(xs - cx) <= depth * half)
+    inside = _shape_mask(scene.shape, xs, ys, cx, cy, half)
+    if outline:
+        inside &= ~_shape_mask(scene.shape, xs, ys, cx, cy, half, inset=OUTLINE_STROKE * _INRADIUS[scene.shape] * half)
     pixels = np.where(inside[..., None], PALETTE[scene.colour], PALETTE[scene.background]).astype(np.float32)
     pixels = pixels.reshape(size, scale, size, scale, 3).mean(axis=(1, 3))
     return Image.fromarray(pixels.round().astype(np.uint8))
+
+
+def _shape_mask(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, half: float, inset: float = 0.0) -> np.ndarray:
+    """Points inside the shape centred at (cx, cy) with half-size `half`, at least `inset` from its edges."""
+    if shape == "circle":
+        return (xs - cx) ** 2 + (ys - cy) ** 2 <= (half - inset) ** 2
+    if shape == "square":
+        return (np.abs(xs - cx) <= half - inset) & (np.abs(ys - cy) <= half - inset)
+    # An upright triangle: apex at the top centre, base the box's full width. Its slanted edges
+    # are the lines 2·|x - cx| = y - top, whose distance from a point divides by √5.
+    top, bottom = cy - half, cy + half
+    return (bottom - ys >= inset) & ((ys - top) - 2 * np.abs(xs - cx) >= inset * 5**0.5)
+
+
+# The radius of the largest circle inside each shape, in units of its half-size: a triangle with
+# base and height 2 (sides 2, √5, √5) has inradius area / semi-perimeter = 2 / (1 + √5).
+_INRADIUS = {"circle": 1.0, "square": 1.0, "triangle": 2 / (1 + 5**0.5)}
 
 
 @dataclass(frozen=True)
@@ -173,3 +192,66 @@ def shape_of(mask: np.ndarray) -> str | None:
     if lower > 0 and upper / lower < 0.7:
         return "triangle"
     return "square" if box.mean() > 0.88 else "circle"
+
+
+
+@dataclass(frozen=True)
+class FillVerdict:
+    """How the shape is drawn: `fill` is "outline" (hollow) or "filled", None when there is no
+    shape; `shape` is read from its silhouette (the shape together with what it encloses), so a
+    ring reads as a circle."""
+
+    fill: str | None
+    shape: str | None
+
+
+def judge_fill(image: Image.Image) -> FillVerdict:
+    """Whether the shape `judge` finds is an outline or filled.
+
+    The hole is the background the shape encloses: background-coloured pixels that cannot reach
+    the picture's border without crossing the shape (every pixel of another colour, so blended
+    edges count as shape), the shape first thickened by one pixel so a ring with a gap of a pixel
+    or two still encloses its middle. A shape is an outline when its hole is at least `MIN_HOLE`
+    of the area the shape covers together with the hole.
+    """
+    verdict = judge(image)
+    if verdict.colour is None:
+        return FillVerdict(None, None)
+    labels = nearest_colours(np.asarray(image.convert("RGB").resize((SIZE, SIZE)), dtype=np.float32))
+    thickened = _dilate(labels != COLOURS.index(verdict.background))
+    outside = _reachable_from_border(~thickened)
+    hole = ~thickened & ~outside
+    silhouette = ~_dilate(outside)  # what the shape covers with its hole, less the thickening
+    fill = "outline" if hole.sum() >= MIN_HOLE * (~outside).sum() else "filled"
+    return FillVerdict(fill, shape_of(silhouette))
+
+
+# TODO-measure
+MIN_HOLE = 0.05
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """The mask grown by one pixel in all eight directions."""
+    padded = np.pad(mask, 1)
+    height, width = mask.shape
+    grown = np.zeros_like(mask)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            grown |= padded[dy : dy + height, dx : dx + width]
+    return grown
+
+
+def _reachable_from_border(free: np.ndarray) -> np.ndarray:
+    """The `free` pixels connected (4-neighbourhood) to the picture's border through free pixels."""
+    reached = np.zeros_like(free)
+    reached[0], reached[-1], reached[:, 0], reached[:, -1] = free[0], free[-1], free[:, 0], free[:, -1]
+    while True:
+        grown = reached.copy()
+        grown[1:] |= reached[:-1]
+        grown[:-1] |= reached[1:]
+        grown[:, 1:] |= reached[:, :-1]
+        grown[:, :-1] |= reached[:, 1:]
+        grown &= free
+        if np.array_equal(grown, reached):
+            return reached
+        reached = grown

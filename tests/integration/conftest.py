@@ -38,8 +38,8 @@ class EngineClient:
     def generate_stream(self, job: GenerationJob, partial_images: int, progress: bool = False):
         return self.engine.generate_stream(job, partial_images, progress)
 
-    async def cancel(self, request_id: str) -> None:
-        self.engine.cancel(request_id)
+    async def cancel(self, job_id: str) -> None:
+        self.engine.cancel(job_id)
 
 
 def start_engine(settings: Settings, model_path) -> "DiffusionEngine":  # noqa: F821

@@ -133,4 +133,4 @@ def test_adapters_loaded_on_demand_are_evicted_least_recently_used_first(lora_en
         time.sleep(0.01)
     loaded = names(lora_engine)
     assert "style" in loaded and len(loaded) == 3
-    assert str((allowed / "late").resolve()) in loaded and str((allowed / "ink").resolve()) not in loaded
+    assert "late" in loaded and "ink" not in loaded  # path-loaded adapters are named relative to their dir

@@ -11,7 +11,7 @@ MODEL = ModelLimits(id="m", native_width=64, native_height=64, default_steps=4, 
 
 
 def job(request_id: str, n: int = 1) -> GenerationJob:
-    return GenerationJob(request_id=request_id, model="m", prompt="p", width=64, height=64, num_inference_steps=4,
+    return GenerationJob(request_id=request_id, job_id=request_id, model="m", prompt="p", width=64, height=64, num_inference_steps=4,
                          guidance_scale=5.0, seeds=list(range(n)), admitted_at=0.0)  # fmt: skip
 
 
