@@ -15,6 +15,7 @@ import time
 import traceback
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 from .batching import PipelineCall, group_compatible_jobs
@@ -169,7 +170,9 @@ class DiffusionEngine:
         loras = LoraManager(loaded.modes["text-to-image"], self.settings.lora_dir_list, self.settings.max_loras)
         for spec in self.settings.lora_specs:
             try:
-                loras.load(spec.name, spec.source, spec.scale, pinned=True)
+                local = not is_bentoml_tag(spec.source) and os.path.exists(spec.source)
+                shown = shown_path(Path(os.path.realpath(spec.source)), self.settings.lora_dir_list) if local else None
+                loras.load(spec.name, spec.source, spec.scale, pinned=True, shown=shown)
             except LoraError as error:
                 self._load_error = f"start-up LoRA '{spec.name}' failed to load: {error.message}"
                 logger.error("%s", self._load_error)

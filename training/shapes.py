@@ -30,9 +30,12 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 COLOURS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle")
 SIZE = 64
-# An outlined shape's stroke, as a fraction of the shape's size (its bounding box's width): 4–6
-# pixels, so the ring survives the demo model's 4× autoencoder (a latent pixel is 4×4 pixels).
-OUTLINE_STROKE = 0.15
+# An outlined shape's stroke, as a fraction of its inradius (the largest circle inside it): 20 % of
+# a circle's or square's width, 12 % of a triangle's (whose middle is smaller), 3–8 pixels. The
+# demo model's 4× autoencoder (a latent pixel is 4×4 pixels) turns thinner strokes into blends of
+# the two colours: decoding encoded outlines kept the shape's colour 73 % of the time at 0.35,
+# 86 % at 0.4, and the judge saw 93 % of them as outlines at 0.4.
+OUTLINE_STROKE = 0.4
 
 # Words the tokenizer knows beyond the world's own; they carry no meaning and training scatters
 # them through captions so prompts written in a more natural style still work.

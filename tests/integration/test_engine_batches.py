@@ -46,3 +46,30 @@ def test_one_failing_request_does_not_fail_the_others_in_its_call(engine):
     assert [result.error is None for result in results] == [True, False, True]
     assert "this prompt breaks the pipeline" in results[1].error
     assert [len(result.images_b64) for result in results] == [1, 0, 2]
+
+
+def test_jobs_are_keyed_by_server_ids_not_the_clients_request_id(engine):
+    """A cancelled request's X-Request-ID used to poison every later request sending it."""
+    first, second = job("same-id", seeds=(1,)), job("same-id", seeds=(2,))
+    engine.cancel(first.job_id)
+    dropped, served = engine.run_batch([first, second])
+    assert not dropped.images_b64 and len(served.images_b64) == 1 and served.error is None
+
+
+def test_an_interrupted_call_delivers_no_images_and_health_shows_it_while_busy(engine):
+    import asyncio
+
+    slow = job("slow", steps=150)
+
+    async def scenario():
+        task = asyncio.ensure_future(engine.generate([slow]))
+        while not engine.status().busy:
+            await asyncio.sleep(0.01)
+        busy = engine.status().busy[0]
+        engine.cancel(slow.job_id)
+        return busy, (await task)[0]
+
+    busy, result = asyncio.run(scenario())
+    assert busy["requests"] == ["slow"] and busy["steps"] == 150 and busy["size"] == "64x64"
+    assert result.images_b64 == [] and result.error_status == 499 and "interrupted" in result.error
+    assert engine.status().busy == []

@@ -325,3 +325,37 @@ def test_a_timed_out_request_is_504_and_its_pipeline_call_is_interrupted(make_ap
     assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"
     assert follow.status_code == 200
     assert "interrupting a pipeline call" in caplog.text
+
+
+def test_a_cancelled_request_id_does_not_poison_later_requests_that_send_it(make_app, engine):
+    app = make_app(EngineClient(engine), request_timeout=0.5)
+    headers = {"X-Request-ID": "my-id"}
+
+    async def scenario():
+        async with http(app) as client:
+            slow = await client.post("/v1/images/generations", headers=headers, json={"prompt": "slow", "num_inference_steps": 150})
+            await asyncio.sleep(0.5)
+            app.state.serving.settings.request_timeout = 60
+            again = await client.post("/v1/images/generations", headers=headers, json={"prompt": "again", "num_inference_steps": 2})
+            return slow, again
+
+    slow, again = run(scenario())
+    assert slow.status_code == 504
+    assert again.status_code == 200 and again.headers["x-request-id"] == "my-id" and len(again.json()["data"]) == 1
+
+
+def test_sizes_beyond_the_models_limit_are_400_naming_the_largest_and_hints_are_accepted(make_app, engine):
+    app = make_app(EngineClient(engine))
+
+    async def scenario():
+        async with http(app) as client:
+            big = await client.post("/v1/images/generations", json={"prompt": "a", "size": "1024x1024"})
+            odd = await client.post("/v1/images/generations", json={"prompt": "a", "size": "1000x3"})
+            hint = odd.json()["error"]["message"].split("try '")[1].split("'")[0]
+            hinted = await client.post("/v1/images/generations", json={"prompt": "a", "size": hint, "num_inference_steps": 1})
+            return big, odd, hinted
+
+    big, odd, hinted = run(scenario())
+    assert big.status_code == 400 and big.json()["error"]["param"] == "size"
+    assert "the largest is '128x128'" in big.json()["error"]["message"]
+    assert odd.status_code == 400 and hinted.status_code == 200

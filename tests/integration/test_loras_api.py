@@ -134,3 +134,46 @@ def test_adapters_loaded_on_demand_are_evicted_least_recently_used_first(lora_en
     loaded = names(lora_engine)
     assert "style" in loaded and len(loaded) == 3
     assert "late" in loaded and "ink" not in loaded  # path-loaded adapters are named relative to their dir
+
+
+@pytest.mark.parametrize("poison", ["bad\x00name", "x" * 5000, "a/" * 2100])
+def test_an_unreadable_lora_path_fails_its_own_job_alone(lora_engine, poison):
+    """A NUL byte or an over-long path made the path check raise: the whole batch got 500."""
+    results = lora_engine.run_batch([job("ok-1", seed=1), job("poison", lora=poison), job("ok-2", seed=2)])
+    assert [result.error is None for result in results] == [True, False, True]
+    assert results[1].error_status == 400 and results[1].error_param == "lora_path"
+    assert [len(result.images_b64) for result in results] == [1, 0, 1]
+
+
+def test_the_api_refuses_control_characters_and_over_long_lora_paths(app):
+    async def scenario():
+        async with http(app) as client:
+            bodies = [{"prompt": "a", "lora_path": "bad\x00name"}, {"prompt": "a", "lora_path": "x" * 1025}]
+            return [await client.post("/v1/images/generations", json=body) for body in bodies]
+
+    for response in run(scenario()):
+        assert response.status_code == 400 and response.json()["error"]["param"] == "lora_path"
+        assert "1024 printable characters" in response.json()["error"]["message"]
+
+
+def test_admin_paths_never_reach_outside_the_allowed_dirs_nor_show_server_paths(app, lora_engine, lora_dirs):
+    allowed, _ = lora_dirs
+
+    async def scenario():
+        async with http(app) as client:
+            tag = await client.post("/v1/loras", json={"name": "t", "path": "nosuch:model"})
+            odd_tag = await client.post("/v1/loras", json={"name": "t", "path": "a:b"})
+            # Exists relative to the worker's working directory (the repo root), outside the allowed dirs.
+            relative = await client.post("/v1/loras", json={"name": "t", "path": "hypergen/assets"})
+            pinned = await client.delete("/v1/loras/style")
+            loaded = await client.post("/v1/loras", json={"name": "chalky", "path": str(allowed / "chalk")})
+            listed = await client.get("/v1/loras")
+            await client.delete("/v1/loras/chalky")
+            return tag, odd_tag, relative, pinned, loaded, listed
+
+    tag, odd_tag, relative, pinned, loaded, listed = run(scenario())
+    assert tag.status_code == 404 and odd_tag.status_code == 404
+    assert relative.status_code == 400 and relative.json()["error"]["param"] == "path"
+    assert pinned.status_code == 409 and "pinned" in pinned.json()["error"]["message"]
+    assert loaded.status_code == 200 and loaded.json()["source"] == "chalk"
+    assert str(allowed) not in listed.text and "style" in names(lora_engine)
