@@ -74,7 +74,10 @@ DiffusionWorker.models.extend(extra_references(settings))
 DIFFUSION_WORKERS = worker_copies(DiffusionWorker, settings)
 
 
-@bentoml.service(name="hypergen", traffic=traffic(settings, "api"), workers=1, logging=access_logging())
+# BentoML's HTTP metrics label requests by raw path (file ids, probes): the app serves /metrics.
+@bentoml.service(
+    name="hypergen", traffic=traffic(settings, "api"), workers=1, logging=access_logging(), metrics={"enabled": False}
+)
 @bentoml.asgi_app(app, path="/")
 @depend_on_each(DIFFUSION_WORKERS)  # `worker`, `worker_2`, ...: a bentoml.depends each
 class ImageAPI:
@@ -86,6 +89,7 @@ class ImageAPI:
         attributes = worker_attributes(len(DIFFUSION_WORKERS))
         workers = {service.name: getattr(self, attribute) for service, attribute in zip(DIFFUSION_WORKERS, attributes)}
         app.state.auth = ApiKeyAuth(settings.api_key_list)
+        app.state.auth.warn_if_open()
         app.state.serving = ImageServing(settings, worker_client(workers))
 
     @bentoml.on_startup

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hmac
+import logging
 
 from .errors import OpenAIError
+
+logger = logging.getLogger("hypergen.auth")
 
 
 class ApiKeyAuth:
@@ -16,6 +19,14 @@ class ApiKeyAuth:
     @property
     def enabled(self) -> bool:
         return bool(self._keys)
+
+    def warn_if_open(self) -> None:
+        """Auth off is fine on a laptop; on a reachable port it hands out the admin API too."""
+        if not self._keys:
+            logger.warning(
+                "API keys are off (HYPERGEN_API_KEYS is not set): anyone who can reach this port can "
+                "generate images and load or unload LoRA adapters through /v1/loras"
+            )
 
     def check(self, authorization: str | None) -> str | None:
         """The caller's key (for per-key rate limits), or None with auth off; raises a 401."""

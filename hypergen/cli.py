@@ -74,13 +74,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     import yaml
 
     from .bento import default_model_name, import_lora, import_model
-    from .config import load_settings, parse_lora_specs
+    from .config import embedded_lora_specs, load_settings, parse_lora_specs
 
     root = _project_root()
     settings = load_settings()
     tag = import_model(args.model, args.name or default_model_name(args.model), settings)
     arguments = {"model": tag}
     specs = parse_lora_specs(",".join(args.lora or []))
+    if not args.model and not args.lora:
+        # The Bento names the embedded model by its store tag, so the `outline` adapter that
+        # comes with it must be named (and carried) explicitly too.
+        specs = embedded_lora_specs()
     if specs:
         arguments["loras"] = ",".join(f"{spec.name}={import_lora(spec)}:{spec.scale}" for spec in specs)
     print(f"imported {', '.join(arguments.values())}; building the Bento")

@@ -16,6 +16,12 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "hypergen-tiny-sd"
+# The embedded demo model's adapter (`python -m training.demo_lora`: shapes drawn as outlines),
+# loaded at start under this name when HyperGen serves that model and HYPERGEN_LORAS is unset.
+# Kept here rather than beside the model's path in `pipelines` (which imports torch): the API
+# process reads the start-up adapters too, and stays free of torch.
+EMBEDDED_LORA_NAME = "outline"
+EMBEDDED_LORA_DIR = Path(__file__).resolve().parent / "assets" / "demo-lora"
 
 
 class Settings(BaseSettings):
@@ -50,6 +56,7 @@ class Settings(BaseSettings):
     lora_dirs: str | None = Field(default=None, description="directories lora_path may load from (comma-separated)")
     max_loras: int = Field(default=8, ge=1, description="adapters kept loaded (LRU; start-up ones pinned)")
     rate_limit: str | None = Field(default=None, description="e.g. '60/minute,200 images/hour'; unset = off")
+    metrics_auth: bool = Field(default=False, description="whether /metrics needs an API key (when keys are set)")
     workers: int = Field(default=1, ge=1, le=16, description="diffusion worker services, one per GPU; balanced by load")
     memory_budget_mb: float = Field(
         default=0.0, ge=0, description="device memory for model weights; idle models beyond it are offloaded (0 = no limit)"
@@ -86,6 +93,10 @@ class Settings(BaseSettings):
 
     @property
     def lora_specs(self) -> list["LoraSpec"]:
+        """The adapters loaded (and pinned) at start: HYPERGEN_LORAS; when it is unset and the
+        embedded demo model is served, its `outline` adapter (HYPERGEN_LORAS="" turns that off)."""
+        if self.loras is None and self.default_model_source is None:
+            return embedded_lora_specs()
         return parse_lora_specs(self.loras or "")
 
     @property
@@ -162,6 +173,13 @@ def parse_lora_specs(text: str) -> list[LoraSpec]:
             raise ValueError(f"LoRA name '{name}' is given twice")
         specs.append(LoraSpec(name=name, source=source, scale=scale))
     return specs
+
+
+def embedded_lora_specs() -> list[LoraSpec]:
+    """The embedded demo model's start-up adapter, or none if the package lacks its weights."""
+    if not (EMBEDDED_LORA_DIR / "pytorch_lora_weights.safetensors").is_file():
+        return []
+    return [LoraSpec(name=EMBEDDED_LORA_NAME, source=str(EMBEDDED_LORA_DIR))]
 
 
 def parse_model_specs(text: str) -> list[tuple[str, str]]:

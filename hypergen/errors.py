@@ -148,8 +148,10 @@ def install_error_handlers(app: FastAPI, allowed: dict[str, str]) -> None:
             body = OpenAIError(404, f"Unknown route: {request.method} {request.url.path}.", code="not_found")
         elif error.status_code == 405:
             body = OpenAIError(405, f"Method {request.method} is not allowed on {request.url.path}.", code="method_not_allowed")
+        elif error.status_code == 400:  # FastAPI could not parse the body (e.g. not UTF-8)
+            body = OpenAIError(400, "The request body could not be read as UTF-8 JSON.", code="invalid_json")
         else:
-            body = OpenAIError(error.status_code, str(error.detail), type="invalid_request_error")
+            body = OpenAIError(error.status_code, str(error.detail), type="invalid_request_error", code="http_error")
         return error_response(body, request)
 
     @app.exception_handler(Exception)

@@ -1,4 +1,7 @@
-"""Prometheus metrics (`hypergen_*`), served by BentoML's own `/metrics` with its metrics.
+"""Prometheus metrics (`hypergen_*`), served by the API's `/metrics` from every process.
+
+BentoML's own HTTP metrics are off on the API service: they label requests by raw path, so
+every image file id (a capability) and every probed URL became a new, public series.
 
 Created lazily, on first use: BentoML sets `PROMETHEUS_MULTIPROC_DIR` when its processes
 start, and metrics made before that would not reach the merged `/metrics` output. Gauges use
@@ -7,11 +10,24 @@ start, and metrics made before that would not reach the merged `/metrics` output
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from types import SimpleNamespace
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+def exposition() -> tuple[bytes, str]:
+    """Prometheus text of every process's metrics (BentoML's multiprocess directory), and its
+    content type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # in-process (tests): this process only
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 @lru_cache(maxsize=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import time
 import uuid
@@ -18,13 +19,15 @@ from typing import Any, Awaitable, TypeVar
 from fastapi import Depends, FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUploadFile
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .auth import ApiKeyAuth
 from .errors import OpenAIError, error_response, install_error_handlers, validation_error_to_openai
-from .metrics import metrics
+from .metrics import exposition, metrics
 from .playground import mount_playground
 from .protocol import (
     ALLOWED,
@@ -54,15 +57,19 @@ def authorized(request: Request) -> str | None:
     return auth.check(request.headers.get("authorization"))
 
 
+def limiter_key(key: str | None, connection: HTTPConnection) -> str:
+    """Whom a request is charged to: its API key (hashed: the key itself is never kept), or its
+    client IP with auth off."""
+    if key is not None:
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    return "ip:" + (connection.client.host if connection.client else "unknown")
+
+
 def rate_limited(
     request: Request, response: Response, key: str | None = Depends(authorized), images: ImageServing = Depends(serving)
 ) -> str:
-    """Charge one request to the caller (API key, or client IP with auth off); returns its
-    limiter key, which never holds the API key itself."""
-    if key is not None:
-        client = "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
-    else:
-        client = "ip:" + (request.client.host if request.client else "unknown")
+    """Charge one request to the caller; returns its limiter key."""
+    client = limiter_key(key, request)
     if images.limiter.enabled:
         response.headers.update(images.charge_request(client))
     return client
@@ -239,6 +246,16 @@ async def read_image_form(
     return body, files
 
 
+async def receive_json_text(websocket: WebSocket) -> Any:
+    """The first message as JSON; a binary frame or invalid JSON is a ValueError (an error event)."""
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    if message.get("text") is None:
+        raise ValueError("a binary frame")
+    return json.loads(message["text"])
+
+
 # Browsers cannot set headers on a WebSocket; like OpenAI's Realtime API, they may offer the key
 # as a subprotocol instead (`openai-insecure-api-key.<key>`) beside a plain one (`hypergen`).
 KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
@@ -327,10 +344,14 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         authorization, subprotocol = socket_credentials(websocket)
         await websocket.accept(subprotocol=subprotocol)
         request_id = websocket.scope.get("state", {}).get("request_id") or f"req_{uuid.uuid4().hex}"
+        images: ImageServing = websocket.app.state.serving
         try:
-            websocket.app.state.auth.check(authorization)
-            body = ImageGenerationRequest.model_validate(await websocket.receive_json())
-            async with aclosing(websocket.app.state.serving.socket_events(body, request_id)) as events:
+            client = limiter_key(websocket.app.state.auth.check(authorization), websocket)
+            body = ImageGenerationRequest.model_validate(await receive_json_text(websocket))
+            if images.limiter.enabled:  # the same budgets as HTTP: a request, and n images
+                images.charge_request(client)
+                images.charge_images(client, body.n or 1)
+            async with aclosing(images.socket_events(body, request_id)) as events:
                 async for event in events:
                     await websocket.send_json(event)
         except WebSocketDisconnect:
@@ -340,23 +361,23 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         except ValidationError as error:
             await websocket.send_json({"type": "error", **validation_error_to_openai(error, ALLOWED).body()})
         except ValueError:
-            await websocket.send_json({"type": "error", "error": {"message": "Send the request as one JSON object.", "type": "invalid_request_error", "param": None, "code": "invalid_json"}})
+            await websocket.send_json({"type": "error", "error": {"message": "Send the request as one JSON object in a text frame.", "type": "invalid_request_error", "param": None, "code": "invalid_json"}})
         await websocket.close()
 
     @app.get("/v1/loras")
-    async def list_loras(_key: str | None = Depends(authorized), images: ImageServing = Depends(serving)) -> dict[str, Any]:
+    async def list_loras(_client: str = Depends(rate_limited), images: ImageServing = Depends(serving)) -> dict[str, Any]:
         reply = await images.manage_loras(LoraCommand(action="list"))
         return {"object": "list", "data": reply.adapters}
 
     @app.post("/v1/loras")
     async def load_lora(
-        body: LoraLoadRequest, _key: str | None = Depends(authorized), images: ImageServing = Depends(serving)
+        body: LoraLoadRequest, _client: str = Depends(rate_limited), images: ImageServing = Depends(serving)
     ) -> dict[str, Any]:
         reply = await images.manage_loras(LoraCommand(action="load", name=body.name, path=body.path, scale=body.scale))
         return next(adapter for adapter in reply.adapters if adapter["name"] == body.name)
 
     @app.delete("/v1/loras/{name}")
-    async def unload_lora(name: str, _key: str | None = Depends(authorized), images: ImageServing = Depends(serving)) -> dict[str, Any]:
+    async def unload_lora(name: str, _client: str = Depends(rate_limited), images: ImageServing = Depends(serving)) -> dict[str, Any]:
         await images.manage_loras(LoraCommand(action="unload", name=name))
         return {"name": name, "object": "lora", "deleted": True}
 
@@ -377,6 +398,14 @@ def create_app(max_body_bytes: int = 50 * 1024 * 1024) -> FastAPI:
         if stored is None:
             raise OpenAIError(404, f"The image '{file_id}' does not exist or has expired.", param="file_id", code="not_found")
         return FileResponse(stored.path, media_type=stored.media_type)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(request: Request, images: ImageServing = Depends(serving)) -> Response:
+        """Prometheus text; needs a key only with HYPERGEN_METRICS_AUTH (it names no request or file)."""
+        if images.settings.metrics_auth:
+            authorized(request)
+        body, content_type = await run_in_threadpool(exposition)
+        return Response(body, media_type=content_type)
 
     @app.get("/health")
     async def health(images: ImageServing = Depends(serving)) -> JSONResponse:

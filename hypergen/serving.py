@@ -387,17 +387,27 @@ class ImageServing:
             raise
 
     async def _serve_stream(self, job: GenerationJob, request: ImageRequestOptions, prefix: str) -> Served:
-        """Admit now (a full queue is a plain 503, before any event), then stream the events."""
-        slot = await self._admit()
-        return self._sse(self.stream_events(job, request.partial_images or 0, prefix, slot)), ""
+        """Admit now (a full queue, or no turn before the timeout, is a plain 503/504 before any
+        event), then stream the events; the request timeout counts from arrival."""
+        deadline = self._deadline()
+        slot = await self._admit(deadline)
+        return self._sse(self.stream_events(job, request.partial_images or 0, prefix, slot, deadline=deadline)), ""
 
-    async def _admit(self) -> Any:
-        """Enter a queue slot (waiting FIFO); the caller must exit it. A full queue is a 503."""
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.settings.request_timeout
+
+    async def _admit(self, deadline: float) -> Any:
+        """Enter a queue slot (waiting FIFO) by `deadline`; the caller must exit it. A full queue
+        is a 503, a turn that does not come in time a 504."""
         slot = self.queue.slot()
         try:
-            await slot.__aenter__()
+            async with asyncio.timeout_at(deadline):
+                await slot.__aenter__()
         except QueueFull:
             raise self._queue_full() from None
+        except TimeoutError:
+            metrics().rejected.labels(reason="timeout").inc()
+            raise timeout_error(self.settings.request_timeout) from None
         return slot
 
     @staticmethod
@@ -407,7 +417,7 @@ class ImageServing:
                 yield sse(event["type"], event.get("body", event))
 
     async def stream_events(
-        self, job: GenerationJob, partial_images: int, prefix: str, slot: Any, progress: bool = False
+        self, job: GenerationJob, partial_images: int, prefix: str, slot: Any, progress: bool = False, deadline: float = 0.0
     ) -> AsyncIterator[dict[str, Any]]:
         """A streaming job's events, holding its queue slot: `<prefix>.partial_image`, then
         `<prefix>.completed` per image (with `progress` also `progress` per step); a failure is
@@ -416,7 +426,7 @@ class ImageServing:
         result: GenerationResult | None = None
         status = 500
         try:
-            async with asyncio.timeout(self.settings.request_timeout), aclosing(
+            async with asyncio.timeout_at(deadline or self._deadline()), aclosing(
                 self.worker.generate_stream(job, partial_images, progress)
             ) as events:
                 async for event in events:
@@ -446,14 +456,21 @@ class ImageServing:
             status = 499  # the client went away: tell the worker to drop or interrupt the job
             self._cancel_in_worker(job)
             raise
+        except Exception:  # the worker died mid-stream: the headers are sent, so an error event
+            logger.exception("request %s: the worker's stream failed", job.request_id)
+            self._status = None  # ask again: the worker may have died
+            self._cancel_in_worker(job)
+            yield {"type": "error", "body": generation_failed(job.request_id).body()}
         finally:
             await slot.__aexit__(None, None, None)
             self._log_request(job, status, started, result)
 
     def _estimated_wait(self, position: int) -> float:
         """Seconds until a request at `position` starts: the calls ahead of it (a batch each) and
-        the one running (a batch per worker), at the recent pipeline-call duration."""
-        calls_ahead = -(-position // self.queue.max_in_flight) + (1 if self.queue.in_flight else 0)
+        the one running (a batch per worker), at the recent pipeline-call duration. At position
+        0 the request holds its own dispatch slot: only others in flight can be ahead of it."""
+        others_in_flight = self.queue.in_flight - (1 if position == 0 else 0)
+        calls_ahead = -(-position // self.queue.max_in_flight) + (1 if others_in_flight > 0 else 0)
         return round(calls_ahead * self._recent_call_s, 2)
 
     async def socket_events(self, request: ImageGenerationRequest, request_id: str) -> AsyncIterator[dict[str, Any]]:
@@ -461,6 +478,7 @@ class ImageServing:
         changes), `started`, `progress` per step, partial images, `image_generation.completed` per
         image, or `error`."""
         job = await self._generation_job(request, request_id)
+        deadline = self._deadline()
         turns: list[Any] = []
         slot = self.queue.slot(on_wait=turns.append)
         admission = asyncio.ensure_future(slot.__aenter__())
@@ -468,6 +486,9 @@ class ImageServing:
         last_position = None
         try:
             while last_position is None or not admission.done():
+                if asyncio.get_running_loop().time() >= deadline:
+                    metrics().rejected.labels(reason="timeout").inc()
+                    raise timeout_error(self.settings.request_timeout)
                 position = self.queue.position(turns[0]) if turns else 0
                 if position != last_position:
                     wait_s = self._estimated_wait(position)
@@ -485,7 +506,8 @@ class ImageServing:
             raise self._queue_full()
         admission.result()
         yield {"type": "started", "request_id": request_id, "total_steps": job.num_inference_steps}
-        async with aclosing(self.stream_events(job, request.partial_images or 0, "image_generation", slot, progress=True)) as events:
+        events_of_job = self.stream_events(job, request.partial_images or 0, "image_generation", slot, progress=True, deadline=deadline)
+        async with aclosing(events_of_job) as events:
             async for event in events:
                 yield {"type": event["type"], **event["body"]} if "body" in event else event
 

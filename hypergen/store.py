@@ -36,18 +36,21 @@ class ImageStore:
         self.ttl_seconds = ttl_seconds
         self.max_bytes = max_bytes
         self._last_purge = 0.0
+        self._bytes = 0  # in use as of the last purge, plus what this process wrote since
         directory.mkdir(parents=True, exist_ok=True)
 
     def put(self, data: bytes, output_format: str) -> str:
         """Store one encoded image; returns its file id (e.g. `img_...png`)."""
         if output_format not in MEDIA_TYPES:
             raise ValueError(f"unsupported output_format '{output_format}'")
-        if time.monotonic() - self._last_purge > PURGE_INTERVAL_S:
-            self.purge()
+        # Purge at most once a second, but at once if this write would pass the cap.
+        if time.monotonic() - self._last_purge > PURGE_INTERVAL_S or self._bytes + len(data) > self.max_bytes:
+            self._bytes = self.purge(reserve=len(data))
         file_id = f"img_{secrets.token_urlsafe(18)}.{output_format}"
         staging = self.directory / f".{file_id}.tmp"
         staging.write_bytes(data)
         os.replace(staging, self.directory / file_id)
+        self._bytes += len(data)
         return file_id
 
     def get(self, file_id: str) -> StoredImage | None:
@@ -64,8 +67,9 @@ class ImageStore:
             return None
         return StoredImage(path, MEDIA_TYPES[file_id.rsplit(".", 1)[1]], expires_at)
 
-    def purge(self) -> int:
-        """Delete expired files, then the oldest until under the byte cap; returns bytes in use."""
+    def purge(self, reserve: int = 0) -> int:
+        """Delete expired files, then the oldest until under the byte cap with room for
+        `reserve` more; returns bytes in use."""
         self._last_purge = time.monotonic()
         now = time.time()
         entries: list[tuple[float, int, Path]] = []
@@ -82,7 +86,7 @@ class ImageStore:
                 entries.append((stat.st_mtime, stat.st_size, path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
-            if total <= self.max_bytes:
+            if total + reserve <= self.max_bytes:
                 break
             path.unlink(missing_ok=True)
             total -= size

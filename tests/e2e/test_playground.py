@@ -183,7 +183,7 @@ def test_cancel_stops_a_long_generation_and_frees_its_slot(page, default_server)
     page.goto(f"{default_server.base_url}/playground/")
     generate = page.get_by_role("tabpanel", name="Generate")
     generate.get_by_label("Steps").fill("147")
-    generate.get_by_label("Size (WxH)").fill("256x256")
+    generate.get_by_label("Size (WxH)").fill("128x128")
     generate.get_by_role("button", name="Generate").click()
     expect(page.locator("#status")).to_have_text(re.compile(r"^Step [1-9]\d*/147$"), timeout=60_000)
     assert health(default_server)["in_flight"] == 1

@@ -7,7 +7,7 @@ import openai
 import pytest
 from PIL import Image
 
-from hypergen.protocol import GenerationResult, ModelLimits, WorkerStatus
+from hypergen.protocol import GenerationResult, LoraReply, ModelLimits, WorkerStatus
 
 from .conftest import EngineClient, failing_pipeline, http, openai_client, run
 
@@ -28,6 +28,9 @@ class ScriptedWorker:
 
     async def status(self):
         return WorkerStatus(ready=True, models=[TINY])
+
+    async def manage_loras(self, command):
+        return LoraReply(adapters=[])
 
 
 @pytest.mark.parametrize(
@@ -359,3 +362,44 @@ def test_sizes_beyond_the_models_limit_are_400_naming_the_largest_and_hints_are_
     assert big.status_code == 400 and big.json()["error"]["param"] == "size"
     assert "the largest is '128x128'" in big.json()["error"]["message"]
     assert odd.status_code == 400 and hinted.status_code == 200
+
+
+def test_websocket_and_lora_routes_charge_the_same_budgets_as_http(make_app):
+    from starlette.testclient import TestClient
+
+    worker = ScriptedWorker()
+    worker.release.set()
+    app = make_app(worker, api_keys=["k1", "k2"], rate_limit="2/minute,4 images/minute")
+    with TestClient(app) as client:
+        k1, k2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
+        assert client.post("/v1/images/generations", headers=k1, json={"prompt": "a"}).status_code == 200
+        assert client.get("/v1/loras", headers=k1).status_code != 429  # the second request of k1
+        with client.websocket_connect("/v1/images/ws", headers=k1) as socket:
+            socket.send_json({"prompt": "a"})
+            refused = socket.receive_json()
+        assert refused["type"] == "error" and refused["error"]["code"] == "rate_limit_exceeded"
+        assert client.get("/v1/loras", headers=k1).status_code == 429
+        with client.websocket_connect("/v1/images/ws", headers=k2) as socket:
+            socket.send_json({"prompt": "a", "n": 5})  # over the image budget on its own
+            assert socket.receive_json()["error"]["type"] == "images"
+
+
+def test_metrics_are_served_by_the_app_and_may_need_a_key(make_app):
+    worker = ScriptedWorker()
+    worker.release.set()
+    open_app = make_app(worker)
+    keyed_app = make_app(worker, api_keys=["k1"], metrics_auth=True)
+
+    async def scenario():
+        async with http(open_app) as client:
+            await client.get("/v1/images/files/img_0123456789abcdef")
+            public = await client.get("/metrics")
+        async with http(keyed_app) as client:
+            anonymous = await client.get("/metrics")
+            keyed = await client.get("/metrics", headers={"Authorization": "Bearer k1"})
+        return public, anonymous, keyed
+
+    public, anonymous, keyed = run(scenario())
+    assert public.status_code == 200 and "hypergen_requests_total" in public.text
+    assert "img_0123456789abcdef" not in public.text  # labelled by route template, never the raw path
+    assert anonymous.status_code == 401 and keyed.status_code == 200

@@ -208,3 +208,79 @@ def test_browsers_send_the_websocket_key_as_a_subprotocol_that_is_never_echoed(m
             socket.send_json({"prompt": "a", "n": 99})
             error = socket.receive_json()
             assert error["type"] == "error" and error["error"]["param"] == "n"
+
+
+def test_an_idle_server_estimates_no_wait_and_binary_frames_get_an_error_event(make_app, engine):
+    from starlette.testclient import TestClient
+
+    app = make_app(EngineClient(engine))
+    app.state.serving._recent_call_s = 5.0  # as if calls took 5 s: position 0 must still wait 0
+    with TestClient(app) as client:
+        with client.websocket_connect("/v1/images/ws") as socket:
+            socket.send_json({"prompt": "a", "num_inference_steps": 1})
+            queued = socket.receive_json()
+        with client.websocket_connect("/v1/images/ws") as socket:
+            socket.send_bytes(b"\x00\x01binary")
+            error = socket.receive_json()
+    assert queued["type"] == "queued" and queued["position"] == 0 and queued["estimated_wait_s"] == 0
+    assert error["type"] == "error" and error["error"]["code"] == "invalid_json"
+
+
+def test_streams_and_sockets_waiting_in_the_queue_time_out(make_app, engine):
+    import threading
+
+    from starlette.testclient import TestClient
+
+    app = make_app(EngineClient(engine), max_batch_size=1, request_timeout=0.5)
+    queue = app.state.serving.queue
+    release = threading.Event()
+
+    async def hold_the_only_slot():
+        async with queue.slot():
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+
+    with TestClient(app) as client:
+        client.portal.start_task_soon(hold_the_only_slot)
+        while queue.in_flight == 0:
+            time.sleep(0.01)
+        stream = client.post("/v1/images/generations", json={"prompt": "a", "stream": True})
+        with client.websocket_connect("/v1/images/ws") as socket:
+            socket.send_json({"prompt": "a"})
+            events = [socket.receive_json()]
+            while events[-1]["type"] != "error":
+                events.append(socket.receive_json())
+        release.set()
+    assert stream.status_code == 504 and stream.json()["error"]["code"] == "timeout"
+    assert events[-1]["error"]["code"] == "timeout" and queue.depth == 0
+
+
+def test_a_worker_that_dies_mid_stream_ends_it_with_an_error_event(make_app, engine):
+    class DyingWorker(EngineClient):
+        async def generate_stream(self, job, partial_images, progress=False):
+            yield {"kind": "progress", "step": 1, "total_steps": 2}
+            raise ConnectionError("the worker process died")
+
+    app = make_app(DyingWorker(engine))
+
+    async def scenario():
+        async with http(app) as client:
+            response = await client.post("/v1/images/generations", json={"prompt": "a", "stream": True})
+            return response, app.state.serving.queue.in_flight
+
+    response, in_flight = run(scenario())
+    assert response.status_code == 200 and "event: error" in response.text
+    assert '"code":"generation_failed"' in response.text.replace(" ", "") and in_flight == 0
+
+
+def test_a_body_that_is_not_utf8_is_an_openai_error_with_a_code(make_app, engine):
+    app = make_app(EngineClient(engine))
+
+    async def scenario():
+        async with http(app) as client:
+            return await client.post(
+                "/v1/images/generations", content=b'{"prompt": "\xff\xfe"}', headers={"content-type": "application/json"}
+            )
+
+    response = run(scenario())
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"

@@ -33,3 +33,12 @@ def test_the_store_is_bounded_by_bytes_oldest_first(tmp_path):
         os.utime(tmp_path / ids[-1], (then, then))
     assert store.purge() <= 250
     assert [store.get(file_id) is not None for file_id in ids] == [False, False, False, True, True]
+
+
+def test_the_cap_holds_between_purges(tmp_path):
+    """Writes within one purge interval used to pass the cap until the next purge."""
+    store = ImageStore(tmp_path, ttl_seconds=3600, max_bytes=250)
+    for _ in range(10):
+        store.put(bytes(100), "png")
+        on_disk = sum(path.stat().st_size for path in tmp_path.iterdir())
+        assert on_disk <= 250
