@@ -27,7 +27,7 @@ from hypergen.serving import ImageServing, worker_client
 
 settings = load_settings(vars(bentoml.use_arguments()))
 configure_logging(settings.log_level)
-app = create_app(settings.max_body_bytes)
+app = create_app(settings.max_body_bytes, settings.max_body_bytes_in_flight)
 
 
 @bentoml.service(

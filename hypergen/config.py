@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     )
     store_max_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="cap on url images on disk")
     max_body_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    max_body_bytes_in_flight: int = Field(
+        default=256 * 1024 * 1024, gt=0, description="all request bodies being received or held at once; beyond: 503"
+    )
     max_upload_pixels: int = Field(default=4096 * 4096, gt=0, description="pixels per uploaded image")
     device: str | None = Field(default=None, description="torch device; unset = cuda if available, else cpu")
     inpaint_model: str | None = Field(default=None, description="dedicated inpainting checkpoint used for masks")

@@ -35,6 +35,12 @@ class AdmissionQueue:
         """Requests admitted and waiting for a dispatch slot."""
         return len(self._waiting)
 
+    @property
+    def full(self) -> bool:
+        """Whether one more request would be refused right now."""
+        busy = self.in_flight >= self.max_in_flight or bool(self._waiting)
+        return busy and len(self._waiting) >= self.max_waiting
+
     def position(self, turn: "asyncio.Future[None] | None") -> int:
         """1 for the next request to be dispatched; 0 once `turn` has its slot (or is unknown)."""
         try:

@@ -62,6 +62,8 @@ STATUS_CALL_TIMEOUT_S = 3.0
 # /health reports ready.
 BATCHER_WARMUP_CALLS = 12
 QUEUE_UPDATE_INTERVAL_S = 0.25
+# Uploads decoded at once: each may be tens of MB decoded, and decoding is CPU-bound anyway.
+MAX_CONCURRENT_DECODES = 2
 # Variations have no prompt: an empty one lets the model vary the image freely (guidance then
 # has nothing to pull towards, so any guidance scale gives the same result).
 VARIATION_PROMPT = ""
@@ -197,6 +199,7 @@ class ImageServing:
         self._warm_up: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._recent_call_s = 0.0  # moving average of pipeline-call durations, for wait estimates
+        self._decoding = asyncio.Semaphore(MAX_CONCURRENT_DECODES)
         self.warmed_up = False
 
     # --- readiness and models --------------------------------------------------------------------
@@ -333,7 +336,11 @@ class ImageServing:
         return await self._serve(self._with_upload(job, "image-to-image", request.strength or 0.6, upload, limits), request, base_url)
 
     async def _prepare_upload(self, image: bytes, mask: bytes | None, size: str | None, limits: ModelLimits) -> FittedUpload:
-        """Decode, check and fit the upload off the event loop."""
+        """Decode, check and fit the upload off the event loop: only when the queue has room
+        (a request that would be refused is never decoded), a few at a time (a decoded 4096²
+        upload is 64 MB: 24 at once took the API process to 4 GB)."""
+        if self.queue.full:
+            raise self.full_queue_error()
 
         def prepare() -> FittedUpload:
             decoded = open_upload(image, "image", self.settings.max_upload_pixels)
@@ -347,7 +354,8 @@ class ImageServing:
                     raise invalid_value("size", f"Invalid 'size': {error}.") from None
             return fit_upload(decoded, decoded_mask, target)
 
-        return await run_in_threadpool(prepare)
+        async with self._decoding:
+            return await run_in_threadpool(prepare)
 
     @staticmethod
     def _with_upload(job: GenerationJob, mode: Mode, strength: float, upload: FittedUpload, limits: ModelLimits) -> GenerationJob:
@@ -404,7 +412,7 @@ class ImageServing:
             async with asyncio.timeout_at(deadline):
                 await slot.__aenter__()
         except QueueFull:
-            raise self._queue_full() from None
+            raise self.full_queue_error() from None
         except TimeoutError:
             metrics().rejected.labels(reason="timeout").inc()
             raise timeout_error(self.settings.request_timeout) from None
@@ -503,7 +511,7 @@ class ImageServing:
                 await slot.__aexit__(None, None, None)
             raise
         if isinstance(admission.exception(), QueueFull):
-            raise self._queue_full()
+            raise self.full_queue_error()
         admission.result()
         yield {"type": "started", "request_id": request_id, "total_steps": job.num_inference_steps}
         events_of_job = self.stream_events(job, request.partial_images or 0, "image_generation", slot, progress=True, deadline=deadline)
@@ -582,7 +590,7 @@ class ImageServing:
             async with self.queue.slot():
                 results = await self.worker.generate([job])
         except QueueFull:
-            raise self._queue_full() from None
+            raise self.full_queue_error() from None
         except OpenAIError:
             raise
         except Exception:
@@ -610,7 +618,7 @@ class ImageServing:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _queue_full(self) -> OpenAIError:
+    def full_queue_error(self) -> OpenAIError:
         """The 503 for a full queue (counted in metrics), with a Retry-After estimate."""
         metrics().rejected.labels(reason="queue_full").inc()
         return queue_full_error(self.settings.max_queue, retry_after=self._retry_after())
