@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from hypergen.pipelines import DEMO_MODEL_DIR, load_text_to_image
+    from hypergen.engine.pipelines import DEMO_MODEL_DIR, load_text_to_image
     from training.demo_model import judge_pipeline
     from training.shapes import held_out_scenes
 

@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
-    from hypergen.loras import LoraManager
-    from hypergen.pipelines import load_text_to_image, save_tiny_pipeline
+    from hypergen.engine.loras import LoraManager
+    from hypergen.engine.pipelines import load_text_to_image
+    from hypergen.testing import save_tiny_pipeline
     from hypergen.testing import save_random_lora
 
     work = Path(tempfile.mkdtemp(prefix="hypergen-bench-loras-"))

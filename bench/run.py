@@ -57,7 +57,7 @@ def parse_server_timing(header: str) -> dict[str, float]:
 def bench_bare(model_dir: str, width: int, height: int, steps: int, batch_sizes: list[int], repeats: int) -> dict[str, Any]:
     import torch
 
-    from hypergen.pipelines import load_text_to_image
+    from hypergen.engine.pipelines import load_text_to_image
 
     loaded = load_text_to_image("bench", model_dir)
     pipe = loaded.pipe
@@ -92,7 +92,7 @@ def bench_bare(model_dir: str, width: int, height: int, steps: int, batch_sizes:
 
 
 def bench_encoding(image: Any, repeats: int = 20) -> dict[str, Any]:
-    from hypergen.encoding import encode_image
+    from hypergen.codec import encode_image
 
     megapixels = image.width * image.height / 1e6
     result = {}
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="hypergen-bench-"))
     model_dir = args.model
     if not model_dir:
-        from hypergen.pipelines import save_tiny_pipeline
+        from hypergen.testing import save_tiny_pipeline
 
         model_dir = str(save_tiny_pipeline(work / "tiny-sd", kind="sd", seed=0))
     body = {"size": args.size, "steps": args.steps}

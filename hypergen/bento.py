@@ -139,7 +139,7 @@ def import_lora(spec: Any) -> str:
 def resolve_model_directory(source: str | None, settings: Settings) -> Path:
     """A local directory holding the model's diffusers files."""
     if not source:
-        from .pipelines import embedded_default_path
+        from .engine.pipelines import embedded_default_path
 
         return embedded_default_path()
     if Path(source).is_dir():

@@ -4,7 +4,7 @@
     hypergen import [MODEL] [--name NAME]
     hypergen build [MODEL] [--name NAME] [--lora NAME=PATH[:SCALE] ...]
 
-Flags map to the `HYPERGEN_*` settings; `serve` runs the same `service.py` as `bentoml serve`.
+Flags map to the `HYPERGEN_*` settings; `serve` runs the same services as `bentoml serve`.
 """
 
 from __future__ import annotations
@@ -48,11 +48,8 @@ def _serve_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    root = _project_root()
-    command = [
-        sys.executable, "-m", "bentoml", "serve", "service:ImageAPI",
-        "--working-dir", str(root), "--host", args.host, "--port", str(args.port),
-    ]  # fmt: skip
+    # The installed package's services: no source tree needed.
+    command = [sys.executable, "-m", "bentoml", "serve", "hypergen.service:ImageAPI", "--host", args.host, "--port", str(args.port)]
     os.execvpe(command[0], command, _serve_env(args))
     return 0  # not reached
 

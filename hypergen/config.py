@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +63,7 @@ class Settings(BaseSettings):
     rate_limit: str | None = Field(default=None, description="e.g. '60/minute,200 images/hour'; unset = off")
     metrics_auth: bool = Field(default=False, description="whether /metrics needs an API key (when keys are set)")
     workers: int = Field(default=1, ge=1, le=16, description="diffusion worker services, one per GPU; balanced by load")
+    torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads in the worker; 0 = all cores")
     memory_budget_mb: float = Field(
         default=0.0, ge=0, description="device memory for model weights; idle models beyond it are offloaded (0 = no limit)"
     )
@@ -80,8 +83,6 @@ class Settings(BaseSettings):
     @field_validator("rate_limit")
     @classmethod
     def _rate_limit_parses(cls, value: str | None) -> str | None:
-        from .ratelimit import parse_rate_limit
-
         parse_rate_limit(value)
         return value
 
@@ -90,11 +91,12 @@ class Settings(BaseSettings):
     def _blank_keys_mean_auth_off(cls, value: str | None) -> str | None:
         return value if value and value.strip(" ,") else None
 
-    @property
+    # Parsed once (the settings are read at start and not changed after).
+    @cached_property
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in (self.api_keys or "").split(",") if key.strip()]
 
-    @property
+    @cached_property
     def lora_specs(self) -> list["LoraSpec"]:
         """The adapters loaded (and pinned) at start: HYPERGEN_LORAS; when it is unset and the
         embedded demo model is served, its `outline` adapter (HYPERGEN_LORAS="" turns that off)."""
@@ -102,14 +104,18 @@ class Settings(BaseSettings):
             return embedded_lora_specs()
         return parse_lora_specs(self.loras or "")
 
-    @property
+    @cached_property
     def lora_dir_list(self) -> list[Path]:
         return [Path(part.strip()) for part in (self.lora_dirs or "").split(",") if part.strip()]
 
-    @property
+    @cached_property
     def extra_models(self) -> list[tuple[str, str]]:
         """(name, source) of the models served beside the default one (HYPERGEN_MODELS)."""
         return parse_model_specs(self.models or "")[1:]
+
+    @cached_property
+    def rate_rules(self) -> list["RateRule"]:
+        return parse_rate_limit(self.rate_limit)
 
     @property
     def model_names(self) -> list[str]:
@@ -209,3 +215,35 @@ def load_settings(arguments: dict[str, object] | None = None) -> Settings:
     """Read the environment; BentoML arguments (`--arg model=...`) take precedence over it."""
     overrides = {key: value for key, value in (arguments or {}).items() if key in Settings.model_fields}
     return Settings(**overrides)
+
+
+# --- HYPERGEN_RATE_LIMIT: `60/minute`, `5/second,200 images/hour` ----------------------------
+
+WINDOWS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+_RULE = re.compile(r"^\s*(\d+)\s*(images?)?\s*/\s*(second|minute|hour|day)s?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class RateRule:
+    limit: int
+    window_s: float
+    unit: Literal["requests", "images"]
+
+    @property
+    def label(self) -> str:
+        name = next(name for name, seconds in WINDOWS.items() if seconds == self.window_s)
+        return f"{self.limit} {self.unit}/{name}"
+
+
+def parse_rate_limit(text: str | None) -> list[RateRule]:
+    """`"60/minute,200 images/hour"` → rules; raises ValueError naming the bad rule."""
+    rules: list[RateRule] = []
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        match = _RULE.match(part)
+        if not match or int(match.group(1)) < 1:
+            raise ValueError(f"rate limit rule '{part.strip()}' is not like '60/minute' or '200 images/hour'")
+        unit: Literal["requests", "images"] = "images" if match.group(2) else "requests"
+        rules.append(RateRule(int(match.group(1)), WINDOWS[match.group(3).lower()], unit))
+    return rules

@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .protocol import ALLOWED, WorkerError
+
 logger = logging.getLogger("hypergen.errors")
 
 
@@ -91,7 +93,7 @@ def timeout_error(seconds: float) -> OpenAIError:
     )
 
 
-def validation_error_to_openai(error: ValidationError | RequestValidationError, allowed: dict[str, str]) -> OpenAIError:
+def validation_error_to_openai(error: ValidationError | RequestValidationError, allowed: dict[str, str] = ALLOWED) -> OpenAIError:
     """Turn pydantic's first complaint into one OpenAI error naming the field and what it accepts."""
     first = error.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
@@ -127,38 +129,55 @@ def error_response(error: OpenAIError, request: Request | None = None) -> JSONRe
     return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
 
 
-def install_error_handlers(app: FastAPI, allowed: dict[str, str]) -> None:
+def client_closed() -> OpenAIError:
+    return OpenAIError(499, "The client closed the request.", code="client_closed_request")
+
+
+def from_worker(error: WorkerError, request_id: str) -> OpenAIError:
+    """The worker's report of a failed job or adapter command, as the client sees it: 4xx with
+    the worker's message (it names the field), 5xx without internals (logged by the caller)."""
+    if error.status == 400:
+        return invalid_value(error.param or "lora_path", error.message)
+    if error.status in (404, 409):
+        return OpenAIError(error.status, error.message, code="not_found" if error.status == 404 else "conflict")
+    if error.status == 503:
+        return not_ready_error(error.message)
+    if error.status == 499:
+        return client_closed()
+    return generation_failed(request_id)
+
+
+def to_openai(error: BaseException, request_id: str = "-", route: str = "this route") -> OpenAIError:
+    """The ONE mapper: any exception a route, a stream or a WebSocket meets, as OpenAI's error.
+    `route` ("POST /v1/x") is named in 404/405 messages."""
+    if isinstance(error, OpenAIError):
+        return error
+    if isinstance(error, (RequestValidationError, ValidationError)):
+        return validation_error_to_openai(error, ALLOWED)
+    if isinstance(error, StarletteHTTPException):
+        if error.status_code == 404:
+            return OpenAIError(404, f"Unknown route: {route}.", code="not_found")
+        if error.status_code == 405:
+            return OpenAIError(405, f"The method is not allowed: {route}.", code="method_not_allowed")
+        if error.status_code == 400:  # FastAPI could not parse the body (e.g. not UTF-8)
+            return OpenAIError(400, "The request body could not be read as UTF-8 JSON.", code="invalid_json")
+        return OpenAIError(error.status_code, str(error.detail), code="http_error")
+    if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, NotJsonText)):
+        return OpenAIError(400, "Send the request as one JSON object in a text frame.", code="invalid_json")
+    logger.error("request %s failed unexpectedly", request_id, exc_info=error)
+    return OpenAIError(500, f"Internal server error (request ID {request_id}).", type="server_error", code="internal_error")
+
+
+class NotJsonText(ValueError):
+    """A WebSocket message that is not a JSON text frame (e.g. a binary frame)."""
+
+
+def install_error_handlers(app: FastAPI) -> None:
     """Map every exception a route can raise to OpenAI's error object."""
 
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(request: Request, error: OpenAIError) -> JSONResponse:
-        return error_response(error, request)
+    async def handle(request: Request, error: Exception) -> JSONResponse:
+        route = f"{request.method} {request.url.path}"
+        return error_response(to_openai(error, getattr(request.state, "request_id", "-"), route), request)
 
-    @app.exception_handler(RequestValidationError)
-    async def _request_validation(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error_to_openai(error, allowed), request)
-
-    @app.exception_handler(ValidationError)
-    async def _pydantic_validation(request: Request, error: ValidationError) -> JSONResponse:
-        return error_response(validation_error_to_openai(error, allowed), request)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        if error.status_code == 404:
-            body = OpenAIError(404, f"Unknown route: {request.method} {request.url.path}.", code="not_found")
-        elif error.status_code == 405:
-            body = OpenAIError(405, f"Method {request.method} is not allowed on {request.url.path}.", code="method_not_allowed")
-        elif error.status_code == 400:  # FastAPI could not parse the body (e.g. not UTF-8)
-            body = OpenAIError(400, "The request body could not be read as UTF-8 JSON.", code="invalid_json")
-        else:
-            body = OpenAIError(error.status_code, str(error.detail), type="invalid_request_error", code="http_error")
-        return error_response(body, request)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        request_id = getattr(request.state, "request_id", "-")
-        logger.exception("request %s failed unexpectedly", request_id)
-        return error_response(
-            OpenAIError(500, f"Internal server error (request ID {request_id}).", type="server_error", code="internal_error"),
-            request,
-        )
+    for kind in (OpenAIError, RequestValidationError, ValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handle)

@@ -1,7 +1,8 @@
-"""Wire models: what clients send and receive, and what the API hands the worker.
+"""Wire models: what clients send and receive, and the contract between the API and the worker.
 
-Field ranges and OpenAI's defaults are written down once here; the API validates with these
-models and the error mapper quotes `ALLOWED` when a value is out of range.
+Field bounds are declared once, in `Field(...)`; the 400 messages' "Allowed: ..." hints are read
+back from the models' JSON schema (`ALLOWED`), so the two cannot drift apart. Imports neither
+torch nor FastAPI: both processes use it.
 """
 
 from __future__ import annotations
@@ -9,40 +10,12 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-# What each field accepts, quoted in 400 messages ("Allowed: an integer from 1 to 10.").
-ALLOWED: dict[str, str] = {
-    "prompt": "a non-empty string of at most 32000 characters",
-    "model": "the id of a served model (see GET /v1/models)",
-    "n": "an integer from 1 to 10",
-    "size": "'auto' or 'WIDTHxHEIGHT' with both sides multiples of 8 within the model's limits, e.g. '512x512'",
-    "response_format": "'url' or 'b64_json'",
-    "output_format": "'png', 'jpeg' or 'webp'",
-    "output_compression": "an integer from 0 to 100",
-    "quality": "'standard', 'hd', 'low', 'medium', 'high' or 'auto'",
-    "style": "'vivid' or 'natural'",
-    "background": "'transparent', 'opaque' or 'auto'",
-    "moderation": "'low' or 'auto'",
-    "stream": "true or false",
-    "partial_images": "an integer from 0 to 3",
-    "user": "a string",
-    "negative_prompt": "a string",
-    "num_inference_steps": "an integer from 1 to 150",
-    "guidance_scale": "a number from 1.0 to 20.0",
-    "seed": "an integer from 0 to 2**63 - 1",
-    "lora_path": "the name of a loaded LoRA adapter or a path inside HYPERGEN_LORA_DIRS (at most 1024 printable characters)",
-    "lora_scale": "a number from 0.0 to 2.0",
-    "strength": "a number greater than 0.0 and at most 1.0",
-    "input_fidelity": "'high' or 'low'",
-    "name": "letters, digits, '_', '.', '-' (at most 64 characters)",
-    "path": "a path inside HYPERGEN_LORA_DIRS, a BentoML model tag or a Hub id",
-    "scale": "a number from 0.0 to 2.0",
-}
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 Mode = Literal["text-to-image", "image-to-image", "inpainting"]
+OutputFormat = Literal["png", "jpeg", "webp"]
 
 MAX_PROMPT_CHARS = 32000
 MAX_SEED = 2**63 - 1
@@ -61,38 +34,76 @@ def reject_control_characters(value: str | None) -> str | None:
     return value
 
 
+def allowed(hint: str) -> dict[str, Any]:
+    """`json_schema_extra` for a field whose accepted values a schema cannot say by itself."""
+    return {"allowed": hint}
+
+
+# --- client requests -------------------------------------------------------------------------
+
+
 class ImageRequestOptions(BaseModel):
     """Fields shared by generations, edits and variations: output, sampling and OpenAI extras."""
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(default=None, description="served model id; omitted = the default model")
-    n: int | None = Field(default=1, ge=1, le=10, description="images to generate")
-    size: str | None = Field(default=None, description="'WxH' or 'auto'; omitted = the model's native size")
-    response_format: Literal["url", "b64_json"] | None = Field(
-        default=None, description="omitted = HYPERGEN_DEFAULT_RESPONSE_FORMAT (b64_json)"
+    model: str | None = Field(
+        default=None,
+        description="Served model id (GET /v1/models); omitted = the default model.",
+        json_schema_extra=allowed("the id of a served model (see GET /v1/models)"),
     )
-    output_format: Literal["png", "jpeg", "webp"] | None = Field(default="png")
-    output_compression: int | None = Field(default=100, ge=0, le=100)
-    quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
-    background: Literal["transparent", "opaque", "auto"] | None = None
-    moderation: Literal["low", "auto"] | None = None
-    stream: bool | None = False
-    partial_images: int | None = Field(default=None, ge=0, le=3)
-    user: str | None = None
+    n: int | None = Field(default=1, ge=1, le=10, description="Images to generate.")
+    size: str | None = Field(
+        default=None,
+        description="'WIDTHxHEIGHT' (multiples of 8, within the model's limits) or 'auto'; omitted = native size.",
+        json_schema_extra=allowed("'auto' or 'WIDTHxHEIGHT' with both sides multiples of 8 within the model's limits, e.g. '512x512'"),
+    )
+    response_format: Literal["url", "b64_json"] | None = Field(
+        default=None, description="omitted = HYPERGEN_DEFAULT_RESPONSE_FORMAT (b64_json)."
+    )
+    output_format: OutputFormat | None = Field(default="png", description="Encoding of the returned images.")
+    output_compression: int | None = Field(default=100, ge=0, le=100, description="jpeg/webp quality (100 = best).")
+    quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = Field(
+        default=None, description="OpenAI's field: accepted and ignored."
+    )
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        default=None, description="OpenAI's field: accepted and ignored."
+    )
+    moderation: Literal["low", "auto"] | None = Field(default=None, description="OpenAI's field: accepted and ignored.")
+    stream: bool | None = Field(default=False, description="Server-Sent Events with partial images.")
+    partial_images: int | None = Field(default=None, ge=0, le=3, description="Partial images per image when streaming.")
+    user: str | None = Field(default=None, description="OpenAI's end-user id: accepted and ignored.")
 
-    num_inference_steps: int | None = Field(default=None, ge=1, le=150)
-    guidance_scale: float | None = Field(default=None, ge=1.0, le=20.0)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    lora_path: str | None = Field(default=None, min_length=1, max_length=MAX_LORA_PATH_CHARS)
-    lora_scale: float | None = Field(default=None, ge=0.0, le=2.0)
+    num_inference_steps: int | None = Field(
+        default=None, ge=1, le=150, description="Denoising steps; omitted = the model's recommended number."
+    )
+    guidance_scale: float | None = Field(
+        default=None, ge=1.0, le=20.0, description="Classifier-free guidance; omitted = the model's recommended scale."
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="Image i uses seed + i; omitted = random.",
+        json_schema_extra=allowed("an integer from 0 to 2**63 - 1"),
+    )
+    lora_path: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_LORA_PATH_CHARS,
+        description="A loaded adapter's name, or a path inside HYPERGEN_LORA_DIRS.",
+        json_schema_extra=allowed(
+            f"the name of a loaded LoRA adapter or a path inside HYPERGEN_LORA_DIRS (at most {MAX_LORA_PATH_CHARS} printable characters)"
+        ),
+    )
+    lora_scale: float | None = Field(default=None, ge=0.0, le=2.0, description="omitted = the adapter's own scale.")
 
     _lora_path_printable = field_validator("lora_path")(reject_control_characters)
 
 
 class PromptFields(BaseModel):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
-    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS, description="What not to draw.")
 
     @field_validator("prompt")
     @classmethod
@@ -109,31 +120,132 @@ class ImageGenerationRequest(PromptFields, ImageRequestOptions):
     "seed": 7, "num_inference_steps": 20}`. Unknown fields are ignored; `null` means "default".
     """
 
-    style: Literal["vivid", "natural"] | None = None
+    style: Literal["vivid", "natural"] | None = Field(default=None, description="OpenAI's field: accepted and ignored.")
 
 
 class ImageEditRequest(PromptFields, ImageRequestOptions):
-    """OpenAI's CreateImageEditRequest form fields (the files come separately) plus extras.
+    """OpenAI's CreateImageEditRequest form fields (the files come separately) plus extras."""
 
-    `strength` (0 < s ≤ 1) is how far the result may move from the image; omitted = 0.75
-    without a mask, 1.0 with one.
-    """
-
-    strength: float | None = Field(default=None, gt=0.0, le=1.0)
-    input_fidelity: Literal["high", "low"] | None = None
+    strength: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="How far the result may move from the image; omitted = 0.75, 1.0 with a mask."
+    )
+    input_fidelity: Literal["high", "low"] | None = Field(default=None, description="OpenAI's field: accepted and ignored.")
 
 
 class ImageVariationRequest(ImageRequestOptions):
-    """OpenAI's CreateImageVariationRequest form fields plus extras (`strength` omitted = 0.6)."""
+    """OpenAI's CreateImageVariationRequest form fields plus extras."""
 
-    strength: float | None = Field(default=None, gt=0.0, le=1.0)
+    strength: float | None = Field(default=None, gt=0.0, le=1.0, description="How far a variation may move; omitted = 0.6.")
+
+
+class LoraLoadRequest(BaseModel):
+    """`POST /v1/loras` body: load the adapter at `path` (inside HYPERGEN_LORA_DIRS, a BentoML model
+    tag or a Hub id) under `name`, with a default `scale`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="The adapter's name, as `lora_path` uses it.",
+        json_schema_extra=allowed("letters, digits, '_', '.', '-' (at most 64 characters)"),
+    )
+    path: str = Field(
+        min_length=1,
+        max_length=MAX_LORA_PATH_CHARS,
+        description="Where its weights are.",
+        json_schema_extra=allowed("a path inside HYPERGEN_LORA_DIRS, a BentoML model tag or a Hub id"),
+    )
+    scale: float = Field(default=1.0, ge=0.0, le=2.0, description="Its default scale.")
+
+    _path_printable = field_validator("path")(reject_control_characters)
+
+
+# --- client responses ------------------------------------------------------------------------
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = Field(default=None, description="The image, base64-encoded.")
+    url: str | None = Field(default=None, description="Where to download the image until it expires.")
+    revised_prompt: str | None = Field(default=None, description="OpenAI's field; never set.")
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="Unix time.")
+    data: list[ImageData] = Field(description="One entry per image.")
+    output_format: OutputFormat | None = Field(default=None, description="Encoding of the images.")
+    size: Literal["1024x1024", "1024x1536", "1536x1024"] | None = Field(
+        default=None, description="Only when it is one of OpenAI's sizes."
+    )
+
+
+class ModelCard(BaseModel):
+    id: str = Field(description="The model id clients send as `model`.")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the server started.")
+    owned_by: str = "hypergen"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(description="Served models; the first is the default.")
+
+
+def describe_allowed(schema: dict[str, Any]) -> str | None:
+    """What a field accepts, in words, from its JSON schema ("an integer from 1 to 10")."""
+    if "allowed" in schema:
+        return schema["allowed"]
+    options = [option for option in schema.get("anyOf", [schema]) if option.get("type") != "null"]
+    if not options:
+        return None
+    option = options[0]
+    if "enum" in option or "const" in option:
+        values = [repr(value) for value in option.get("enum", [option.get("const")])]
+        return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+    kind = option.get("type")
+    if kind in ("integer", "number"):
+        noun = "an integer" if kind == "integer" else "a number"
+        if "exclusiveMinimum" in option:
+            return f"{noun} greater than {option['exclusiveMinimum']} and at most {option['maximum']}"
+        return f"{noun} from {option.get('minimum')} to {option.get('maximum')}"
+    if kind == "boolean":
+        return "true or false"
+    if kind == "string" and "maxLength" in option:
+        noun = "a non-empty string" if option.get("minLength", 0) >= 1 else "a string"
+        return f"{noun} of at most {option['maxLength']} characters"
+    return "a string" if kind == "string" else None
+
+
+def allowed_hints(*models: type[BaseModel]) -> dict[str, str]:
+    hints: dict[str, str] = {}
+    for model in models:
+        for name, schema in model.model_json_schema()["properties"].items():
+            hint = describe_allowed(schema)
+            if hint is not None:
+                hints.setdefault(name, hint)
+    return hints
+
+
+# What each field accepts, quoted in 400 messages ("Allowed: an integer from 1 to 10.").
+ALLOWED: dict[str, str] = allowed_hints(ImageGenerationRequest, ImageEditRequest, LoraLoadRequest)
+
+
+# --- sizes and model limits ------------------------------------------------------------------
+
+
+class NotMultipleOf8(ValueError):
+    def __init__(self, message: str, sides: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.sides = sides
 
 
 def parse_size(size: str) -> tuple[int, int]:
     """`"512x768"` → `(512, 768)` (width, height); raises ValueError with a suggestion.
 
     Sides must be positive multiples of 8 (the VAE's latent grid): `"1001x1001"` fails with
-    "... is not a multiple of 8; try '1000x1000'", naming the nearest valid size.
+    "... is not a multiple of 8; try '1000x1000'" (`ModelLimits.resolve_size` names a size
+    within the model's limits instead).
     """
     match = _SIZE_PATTERN.match(size)
     if not match:
@@ -144,12 +256,6 @@ def parse_size(size: str) -> tuple[int, int]:
     if width % 8 or height % 8:
         raise NotMultipleOf8(f"size '{size}' is not a multiple of 8; try '{_round8(width)}x{_round8(height)}'", (width, height))
     return width, height
-
-
-class NotMultipleOf8(ValueError):
-    def __init__(self, message: str, sides: tuple[int, int]) -> None:
-        super().__init__(message)
-        self.sides = sides
 
 
 def _round8(value: int) -> int:
@@ -189,6 +295,9 @@ class ModelLimits(BaseModel):
         return "x".join(str(min(high, max(low, _round8(side)))) for side in (width, height))
 
 
+# --- the worker contract ---------------------------------------------------------------------
+
+
 class GenerationJob(BaseModel):
     """One request as the worker sees it: everything resolved, one seed per image."""
 
@@ -206,7 +315,7 @@ class GenerationJob(BaseModel):
     num_inference_steps: int
     guidance_scale: float
     seeds: list[int]
-    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_format: OutputFormat = "png"
     output_compression: int = 100
     mode: Mode = "text-to-image"
     image_b64: str | None = Field(default=None, description="init image (PNG) at width×height")
@@ -221,7 +330,7 @@ class GenerationJob(BaseModel):
         return len(self.seeds)
 
     @classmethod
-    def warm_up(cls, model: "ModelLimits", index: int) -> "GenerationJob":
+    def warm_up(cls, model: ModelLimits, index: int) -> GenerationJob:
         """A one-step job at the model's native size, for warming a worker's batcher."""
         return cls(
             request_id=f"warmup-{index}",
@@ -237,18 +346,57 @@ class GenerationJob(BaseModel):
         )
 
 
+class WorkerError(BaseModel):
+    """A failure the worker reports for one job or one adapter command. The API maps it to
+    OpenAI's error object in one place (`errors.from_worker`)."""
+
+    message: str = Field(description="for 4xx: shown to the client; for 5xx: logged only")
+    status: int = Field(
+        default=500, description="400 bad input (`param` names the field), 404, 409, 499 cancelled, 503 not ready, 500 failed"
+    )
+    param: str | None = None
+
+
 class GenerationResult(BaseModel):
-    """The worker's answer for one job: encoded images (base64), or a failure description."""
+    """The worker's answer for one job: encoded images (base64), or its error."""
 
     request_id: str
     images_b64: list[str] = Field(default_factory=list)
-    error: str | None = None
-    error_status: int = Field(default=500, description="400 when the request itself was at fault")
-    error_param: str | None = None
+    error: WorkerError | None = None
     queue_wait_s: float = 0.0
     generation_s: float = 0.0
     encode_s: float = 0.0
     batch_images: int = 0
+
+
+class ProgressEvent(BaseModel):
+    kind: Literal["progress"] = "progress"
+    step: int
+    total_steps: int
+
+
+class PartialImageEvent(BaseModel):
+    kind: Literal["partial"] = "partial"
+    image_index: int
+    partial_image_index: int
+    b64_json: str
+
+
+class ImageEvent(BaseModel):
+    kind: Literal["image"] = "image"
+    image_index: int
+    b64_json: str
+
+
+class DoneEvent(BaseModel):
+    """The last event of a stream: the job's result (its `error` set if it failed)."""
+
+    kind: Literal["done"] = "done"
+    result: GenerationResult
+
+
+WorkerEvent = Annotated[ProgressEvent | PartialImageEvent | ImageEvent | DoneEvent, Field(discriminator="kind")]
+WORKER_EVENT: TypeAdapter[WorkerEvent] = TypeAdapter(WorkerEvent)
 
 
 class WorkerStatus(BaseModel):
@@ -278,45 +426,5 @@ class LoraCommand(BaseModel):
 
 
 class LoraReply(BaseModel):
-    ok: bool = True
-    status: int = 200
-    message: str = ""
     adapters: list[dict[str, Any]] = Field(default_factory=list)
-
-
-class LoraLoadRequest(BaseModel):
-    """`POST /v1/loras` body: load the adapter at `path` (inside HYPERGEN_LORA_DIRS, a BentoML model
-    tag or a Hub id) under `name`, with a default `scale`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    path: str = Field(min_length=1, max_length=MAX_LORA_PATH_CHARS)
-
-    _path_printable = field_validator("path")(reject_control_characters)
-    scale: float = Field(default=1.0, ge=0.0, le=2.0)
-
-
-class ImageData(BaseModel):
-    b64_json: str | None = None
-    url: str | None = None
-    revised_prompt: str | None = None
-
-
-class ImagesResponse(BaseModel):
-    created: int
-    data: list[ImageData]
-    output_format: Literal["png", "webp", "jpeg"] | None = None
-    size: Literal["1024x1024", "1024x1536", "1536x1024"] | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "hypergen"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+    error: WorkerError | None = None

@@ -50,13 +50,13 @@ def hypergen_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory) -> Path:
-    from hypergen.pipelines import save_tiny_pipeline
+    from hypergen.testing import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", kind="sd", seed=1, num_inference_steps=4)
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory) -> Path:
-    from hypergen.pipelines import save_tiny_pipeline
+    from hypergen.testing import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", kind="sdxl", seed=2, num_inference_steps=4)

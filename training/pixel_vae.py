@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "hypergen" / "assets" / "pixel-vae")
     args = parser.parse_args(argv)
 
-    from hypergen.pipelines import tiny_vae
+    from hypergen.testing.pipelines import tiny_vae
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)

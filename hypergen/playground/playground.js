@@ -42,10 +42,14 @@ function showKeyForm(message) {
   $("key-message").textContent = message;
 }
 
+function selectIfListed(select, value) {
+  if ([...select.options].some((option) => option.value === value)) select.value = value;
+}
+
 function fillSelect(select, options) {
   const kept = select.value;
   select.replaceChildren(...options.map(([value, label]) => new Option(label, value)));
-  if (options.some(([value]) => value === kept)) select.value = kept;
+  selectIfListed(select, kept);
 }
 
 async function getJson(path) {
@@ -348,8 +352,8 @@ function reuseSettings(settings) {
     "lora-scale": settings.lora_scale,
   };
   for (const [id, value] of Object.entries(fields)) $(id).value = value ?? "";
-  if (settings.model) $("model").value = settings.model;
-  $("lora").value = settings.lora_path ?? "";
+  selectIfListed($("model"), settings.model);
+  selectIfListed($("lora"), settings.lora_path ?? "");
   selectTab("tab-generate");
   $("prompt").focus();
 }

@@ -13,11 +13,12 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from hypergen.auth import ApiKeyAuth
+from hypergen.api.auth import ApiKeyAuth
 from hypergen.config import Settings
 from hypergen.protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerStatus
-from hypergen.routes import create_app
-from hypergen.serving import ImageServing
+from hypergen.api.app import create_app
+from hypergen.api.pool import WorkerPool
+from hypergen.api.serving import ImageServing
 
 
 class EngineClient:
@@ -44,7 +45,7 @@ class EngineClient:
 
 def start_engine(settings: Settings, model_path) -> "DiffusionEngine":  # noqa: F821
     """A DiffusionEngine on `model_path`, once it reports ready (start-up LoRAs included)."""
-    from hypergen.worker import DiffusionEngine
+    from hypergen.engine.engine import DiffusionEngine
 
     engine = DiffusionEngine(settings, model_path=str(model_path))
     deadline = time.monotonic() + 120
@@ -59,16 +60,28 @@ def engine(tiny_sd_dir, tmp_path_factory):
     return start_engine(Settings(model=str(tiny_sd_dir), home=tmp_path_factory.mktemp("engine-home")), tiny_sd_dir)
 
 
+async def until_ready(serving: ImageServing) -> None:
+    """Poll as the server does at start, until the pool reports the worker (if it is) ready."""
+    for _ in range(3):
+        if (await serving.readiness.status()).ready:
+            return
+        await asyncio.sleep(0)
+
+
 @pytest.fixture
 def make_app(tmp_path):
     """make_app(worker, api_keys=[...], **settings) → (app, settings)."""
 
     def build(worker, api_keys=(), max_body_bytes=1_000_000, warmed_up=True, **overrides):
+        """`warmed_up`: the pool has seen the worker ready (no warm-up calls); else it warms
+        the worker's batcher with 12 calls once polled."""
         settings = Settings(**{"home": tmp_path, "model_name": "tiny", "api_keys": ",".join(api_keys) or None, **overrides})
         app = create_app(max_body_bytes)
         app.state.auth = ApiKeyAuth(settings.api_key_list)
-        app.state.serving = ImageServing(settings, worker)
-        app.state.serving.warmed_up = warmed_up
+        pool = WorkerPool([worker], ["hypergen-worker"], warm_up_calls=0 if warmed_up else 12)
+        app.state.serving = ImageServing(settings, pool)
+        if warmed_up:
+            asyncio.run(until_ready(app.state.serving))
         return app
 
     return build
@@ -90,7 +103,7 @@ def openai_client(app, api_key: str = "anything") -> AsyncOpenAI:
 @contextmanager
 def failing_pipeline(engine, marker: str, error: Exception):
     """While active, text-to-image calls whose prompts contain `marker` raise `error`."""
-    original = engine._loaded.modes["text-to-image"]
+    original = engine.models.default.modes["text-to-image"]
 
     class Failing:
         def __getattr__(self, name):
@@ -101,11 +114,11 @@ def failing_pipeline(engine, marker: str, error: Exception):
                 raise error
             return original(*args, **kwargs)
 
-    engine._loaded.modes["text-to-image"] = Failing()
+    engine.models.default.modes["text-to-image"] = Failing()
     try:
         yield
     finally:
-        engine._loaded.modes["text-to-image"] = original
+        engine.models.default.modes["text-to-image"] = original
 
 
 def run(coroutine):

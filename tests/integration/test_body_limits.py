@@ -55,7 +55,7 @@ def test_no_body_is_read_without_a_key_or_with_a_full_queue(make_app):
 
 
 def test_bodies_in_flight_share_one_byte_budget(make_app):
-    from hypergen.routes import create_app
+    from hypergen.api.app import create_app
 
     worker = ScriptedWorker()
     app = make_app(worker)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from hypergen.config import Settings
-from hypergen.pipelines import DEMO_MODEL_DIR
+from hypergen.engine.pipelines import DEMO_MODEL_DIR
 from hypergen.protocol import GenerationJob
 from hypergen.testing import save_random_lora
 from tests.integration.conftest import start_engine

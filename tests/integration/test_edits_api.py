@@ -153,7 +153,7 @@ def test_edit_parameters_are_validated_like_generations(client):
 
 
 def test_edit_pipelines_share_the_loaded_weights(engine):
-    modes = engine._loaded.modes
+    modes = engine.models.default.modes
     assert set(modes) == {"text-to-image", "image-to-image", "inpainting"}
     base = modes["text-to-image"]
     for derived in (modes["image-to-image"], modes["inpainting"]):
@@ -164,14 +164,15 @@ def test_edit_pipelines_share_the_loaded_weights(engine):
 
 def test_a_dedicated_inpainting_checkpoint_is_used_for_masks(tiny_sd_dir, tmp_path):
     from hypergen.config import Settings
-    from hypergen.pipelines import save_tiny_pipeline
+    from hypergen.testing import save_tiny_pipeline
     from hypergen.protocol import GenerationJob
 
     inpainting_dir = save_tiny_pipeline(tmp_path / "tiny-inpainting", kind="sd-inpainting", seed=3)
-    engine = start_engine(Settings(home=tmp_path, inpaint_model=str(inpainting_dir)), tiny_sd_dir)
-    inpainting = engine._loaded.modes["inpainting"]
-    assert inpainting.unet.config.in_channels == 9 and inpainting.unet is not engine._loaded.pipe.unet
-    from hypergen.images import mask_from_alpha, to_png_b64
+    engine = start_engine(Settings(model=str(tiny_sd_dir), home=tmp_path, inpaint_model=str(inpainting_dir)), tiny_sd_dir)
+    inpainting = engine.models.default.modes["inpainting"]
+    assert inpainting.unet.config.in_channels == 9 and inpainting.unet is not engine.models.default.pipe.unet
+    from hypergen.api.uploads import mask_from_alpha
+    from hypergen.codec import encode_image_b64 as to_png_b64
 
     job = GenerationJob(
         request_id="i", model="m", prompt="moon", width=64, height=64, num_inference_steps=4, guidance_scale=7.5,
@@ -184,7 +185,7 @@ def test_a_dedicated_inpainting_checkpoint_is_used_for_masks(tiny_sd_dir, tmp_pa
     difference = np.abs(output - np.asarray(scene(), dtype=np.int16))
     assert difference[:, :32].max() == 0 and difference[:, 32:].mean() > 20
     with_lora = engine.run_batch([job.model_copy(update={"lora_path": "any"})])[0]
-    assert with_lora.error_status == 400 and with_lora.error_param == "lora_path"
+    assert with_lora.error.status == 400 and with_lora.error.param == "lora_path"
 
 
 @pytest.mark.parametrize("route, field", [("/v1/images/edits", "image"), ("/v1/images/edits", "mask"), ("/v1/images/variations", "image")])

@@ -44,7 +44,7 @@ def test_one_failing_request_does_not_fail_the_others_in_its_call(engine):
     with failing_pipeline(engine, "poison", ValueError("this prompt breaks the pipeline")):
         results = engine.run_batch([job("ok-1", seeds=(1,)), job("bad", "poison"), job("ok-2", seeds=(2, 3))])
     assert [result.error is None for result in results] == [True, False, True]
-    assert "this prompt breaks the pipeline" in results[1].error
+    assert "this prompt breaks the pipeline" in results[1].error.message
     assert [len(result.images_b64) for result in results] == [1, 0, 2]
 
 
@@ -71,5 +71,5 @@ def test_an_interrupted_call_delivers_no_images_and_health_shows_it_while_busy(e
 
     busy, result = asyncio.run(scenario())
     assert busy["requests"] == ["slow"] and busy["steps"] == 150 and busy["size"] == "64x64"
-    assert result.images_b64 == [] and result.error_status == 499 and "interrupted" in result.error
+    assert result.images_b64 == [] and result.error.status == 499 and "interrupted" in result.error.message
     assert engine.status().busy == []

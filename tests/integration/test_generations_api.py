@@ -257,15 +257,15 @@ def test_health_waits_for_the_batcher_warm_up_and_real_requests_are_not_counted(
     async def scenario():
         async with http(app) as client:
             first = await client.get("/health")
-            app.state.serving.start_warm_up()
+            app.state.serving.readiness.start_polling()
             for _ in range(100):
                 await asyncio.sleep(0.02)
-                if app.state.serving.warmed_up:
+                if app.state.serving.worker.loads[0].ready:
                     break
             return first, await client.get("/health")
 
     first, after = run(scenario())
-    assert first.status_code == 503 and first.json()["detail"] == "warming up the batcher"
+    assert first.status_code == 503 and first.json()["detail"].startswith("warming up the batcher")
     assert after.status_code == 200 and after.json()["status"] == "ok"
     assert worker.calls == 12
 

@@ -61,7 +61,7 @@ def image_for(engine, **kwargs):
 
 
 def names(engine):
-    return {adapter["name"] for adapter in engine.loras.list()}
+    return {adapter["name"] for adapter in engine.models.default_loras.list()}
 
 
 def test_start_up_adapters_change_the_image_and_scale_zero_is_the_base(lora_engine):
@@ -70,7 +70,7 @@ def test_start_up_adapters_change_the_image_and_scale_zero_is_the_base(lora_engi
     assert np.abs(styled - base).mean() > 2
     assert np.array_equal(image_for(lora_engine, lora="style", scale=0.0), base)
     assert np.array_equal(image_for(lora_engine), base)  # adapters are off again for base requests
-    pinned = next(a for a in lora_engine.loras.list() if a["name"] == "style")
+    pinned = next(a for a in lora_engine.models.default_loras.list() if a["name"] == "style")
     assert pinned["pinned"] and pinned["scale"] == 0.8 and pinned["size_bytes"] > 0
 
 
@@ -141,7 +141,7 @@ def test_an_unreadable_lora_path_fails_its_own_job_alone(lora_engine, poison):
     """A NUL byte or an over-long path made the path check raise: the whole batch got 500."""
     results = lora_engine.run_batch([job("ok-1", seed=1), job("poison", lora=poison), job("ok-2", seed=2)])
     assert [result.error is None for result in results] == [True, False, True]
-    assert results[1].error_status == 400 and results[1].error_param == "lora_path"
+    assert results[1].error.status == 400 and results[1].error.param == "lora_path"
     assert [len(result.images_b64) for result in results] == [1, 0, 1]
 
 

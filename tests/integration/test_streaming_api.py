@@ -8,7 +8,8 @@ import time
 
 from PIL import Image
 
-from hypergen.previews import preview_steps
+from hypergen.engine.previews import preview_steps
+from hypergen.protocol import ProgressEvent
 
 from .conftest import EngineClient, http, openai_client, run
 
@@ -214,7 +215,7 @@ def test_an_idle_server_estimates_no_wait_and_binary_frames_get_an_error_event(m
     from starlette.testclient import TestClient
 
     app = make_app(EngineClient(engine))
-    app.state.serving._recent_call_s = 5.0  # as if calls took 5 s: position 0 must still wait 0
+    app.state.serving.dispatcher.recent_call_s = 5.0  # as if calls took 5 s: position 0 must still wait 0
     with TestClient(app) as client:
         with client.websocket_connect("/v1/images/ws") as socket:
             socket.send_json({"prompt": "a", "num_inference_steps": 1})
@@ -258,7 +259,7 @@ def test_streams_and_sockets_waiting_in_the_queue_time_out(make_app, engine):
 def test_a_worker_that_dies_mid_stream_ends_it_with_an_error_event(make_app, engine):
     class DyingWorker(EngineClient):
         async def generate_stream(self, job, partial_images, progress=False):
-            yield {"kind": "progress", "step": 1, "total_steps": 2}
+            yield ProgressEvent(step=1, total_steps=2)
             raise ConnectionError("the worker process died")
 
     app = make_app(DyingWorker(engine))

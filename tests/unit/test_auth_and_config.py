@@ -1,6 +1,6 @@
 import pytest
 
-from hypergen.auth import ApiKeyAuth
+from hypergen.api.auth import ApiKeyAuth
 from hypergen.config import DEFAULT_MODEL_NAME, Settings, load_settings
 from hypergen.errors import OpenAIError
 

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from hypergen.balancing import WorkerPool
+from hypergen.api.pool import WorkerPool
 from hypergen.protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, ModelLimits, WorkerStatus
 
 MODEL = ModelLimits(id="m", native_width=64, native_height=64, default_steps=4, default_guidance_scale=5.0)
@@ -49,7 +49,7 @@ class FakeWorker:
 
     async def manage_loras(self, command):
         self.loras.append(command)
-        return LoraReply(ok=True, adapters=[{"name": command.name}])
+        return LoraReply(adapters=[{"name": command.name}])
 
 
 def run(scenario):
@@ -141,7 +141,7 @@ def test_a_failed_worker_is_skipped_until_its_status_says_ready_and_gets_adapter
         a.loras.clear()
         a.jobs.clear()
         status = await pool.status()
-        assert [w["ready"] for w in status.workers] == [False, True] and "catching up" in status.workers[0]["detail"]
+        assert [w["ready"] for w in status.workers] == [False, True] and "warming up the batcher" in status.workers[0]["detail"]
         await asyncio.sleep(0.01)
         status = await pool.status()
         assert [w["ready"] for w in status.workers] == [True, True]
@@ -177,7 +177,7 @@ def test_status_is_not_ready_only_when_no_worker_is_and_names_each():
         assert not status.ready and "hypergen-worker-2" in status.detail
         b.ready = True
         status = await pool.status()
-        assert not status.ready and "catching up" in status.detail  # warming its batcher first
+        assert not status.ready and "warming up the batcher" in status.detail  # warming its batcher first
         await asyncio.sleep(0.01)
         status = await pool.status()
         assert status.ready and status.models == [MODEL] and [w["ready"] for w in status.workers] == [False, True]

@@ -1,4 +1,4 @@
-from hypergen.batching import call_key, group_compatible_jobs
+from hypergen.engine.batching import call_key, group_compatible_jobs
 from hypergen.protocol import GenerationJob
 
 

@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from hypergen.queue import AdmissionQueue, QueueFull
+from hypergen.api.queue import AdmissionQueue, QueueFull
 
 
 async def hold(queue, name, order, release: asyncio.Event):

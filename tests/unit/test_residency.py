@@ -1,6 +1,6 @@
 """The memory budget: least recently used idle models leave the device, come back on demand."""
 
-from hypergen.residency import MB, ModelResidency
+from hypergen.engine.residency import MB, ModelResidency
 
 
 def make(budget_mb):

@@ -1,7 +1,7 @@
 import os
 import time
 
-from hypergen.store import ImageStore
+from hypergen.api.store import ImageStore
 
 
 def test_stored_images_are_served_until_they_expire_then_deleted(tmp_path):

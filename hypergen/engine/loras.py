@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import is_bentoml_tag
-from .metrics import metrics
+from ..config import is_bentoml_tag
+from ..metrics import metrics
 
 logger = logging.getLogger("hypergen.loras")
 

@@ -14,8 +14,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .encoding import encode_image_b64
-from .protocol import GenerationJob
+from ..codec import encode_image_b64
+from ..protocol import GenerationJob, PartialImageEvent, ProgressEvent, WorkerEvent
 
 logger = logging.getLogger("hypergen.previews")
 
@@ -24,7 +24,7 @@ logger = logging.getLogger("hypergen.previews")
 class StreamTicket:
     job: GenerationJob
     partial_images: int
-    emit: Callable[[dict[str, Any]], None]  # thread-safe: called from the pipeline thread
+    emit: Callable[[WorkerEvent], None]  # thread-safe: called from the pipeline thread
     progress: bool = False  # also a `progress` event after every step
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -65,7 +65,7 @@ class StepPreviews:
         total = int(getattr(pipe, "num_timesteps", 0) or 0)
         for ticket in self.tickets.values():
             if ticket.progress and not ticket.cancelled.is_set():
-                ticket.emit({"kind": "progress", "step": step + 1, "total_steps": total})
+                ticket.emit(ProgressEvent(step=step + 1, total_steps=total))
         due = [
             (job, ticket)
             for job, ticket in self.tickets.items()
@@ -87,14 +87,8 @@ class StepPreviews:
             ticket = self.tickets[job_index]
             partial_index = self.sent.get(job_index * 1000 + image_index, 0)
             self.sent[job_index * 1000 + image_index] = partial_index + 1
-            ticket.emit(
-                {
-                    "kind": "partial",
-                    "image_index": image_index,
-                    "partial_image_index": partial_index,
-                    "b64_json": encode_image_b64(image, ticket.job.output_format, ticket.job.output_compression),
-                }
-            )
+            encoded = encode_image_b64(image, ticket.job.output_format, ticket.job.output_compression)
+            ticket.emit(PartialImageEvent(image_index=image_index, partial_image_index=partial_index, b64_json=encoded))
 
 
 # Previews decode latents at half resolution (a quarter of the VAE's work) and are scaled back

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
-from .protocol import GenerationJob
+from ..protocol import GenerationJob
 
 
 def call_key(job: GenerationJob) -> Hashable:

@@ -1,14 +1,14 @@
-"""Encoding generated images for the wire (pure: PIL in, bytes out)."""
+"""Images on the wire, base64-encoded (pure: PIL in, bytes out, and back). Both processes use
+it: the worker encodes what it draws, the API hands uploads to the worker as PNG."""
 
 from __future__ import annotations
 
 import base64
 import io
-from typing import Literal
 
 from PIL import Image
 
-OutputFormat = Literal["png", "jpeg", "webp"]
+from .protocol import OutputFormat
 
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
@@ -34,3 +34,10 @@ def encode_image(image: Image.Image, output_format: OutputFormat = "png", compre
 
 def encode_image_b64(image: Image.Image, output_format: OutputFormat = "png", compression: int = 100) -> str:
     return base64.b64encode(encode_image(image, output_format, compression)).decode("ascii")
+
+
+def decode_image_b64(data: str) -> Image.Image:
+    """An image the other process encoded (fully loaded)."""
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    image.load()
+    return image

@@ -1,4 +1,5 @@
-"""Uploaded images for edits and variations: checked, decoded and fitted (pure: bytes in, PIL out).
+"""Uploaded images for edits and variations: read from the multipart form, checked, decoded and
+fitted (bytes in, PIL out).
 
 - Formats: PNG, JPEG, WebP. Anything else is a 400 naming the field.
 - Bombs: the pixel count is read from the header and checked before any pixel is decoded.
@@ -9,16 +10,19 @@
 
 from __future__ import annotations
 
-import base64
 import io
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
 
-from .errors import OpenAIError, invalid_value
+from ..errors import OpenAIError, invalid_value
 
 ACCEPTED_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 DEFAULT_MAX_PIXELS = 4096 * 4096
+MAX_FORM_FILES = 20
+MAX_FORM_FIELDS = 100
 
 
 @dataclass
@@ -102,19 +106,33 @@ def fit_upload(image: Image.Image, mask: Image.Image | None, size: tuple[int, in
     return FittedUpload(fitted_image, fitted_mask)
 
 
-def to_png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+async def read_multipart(request: Request) -> tuple[dict[str, str], dict[str, list[bytes]]]:
+    """Form fields and uploaded files (`image[]` is read as `image`) of a multipart request."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise OpenAIError(400, "Send this request as multipart/form-data with the image as a file.", code="invalid_content_type")
+    try:
+        form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+    except Exception as error:  # malformed multipart, too many parts
+        raise OpenAIError(400, f"The multipart body could not be read: {error}.", code="invalid_multipart") from None
+    fields: dict[str, str] = {}
+    files: dict[str, list[bytes]] = {}
+    for key, value in form.multi_items():
+        name = key[:-2] if key.endswith("[]") else key
+        if isinstance(value, UploadFile):
+            files.setdefault(name, []).append(await value.read())
+        else:
+            fields[name] = value
+    return fields, files
 
 
-def from_png_b64(data: str) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(data)))
-    image.load()
-    return image
-
-
-def too_large(field: str, size: int, limit: int) -> OpenAIError:
-    return OpenAIError(
-        413, f"'{field}' is {size} bytes; uploads are limited to {limit} bytes.", param=field, code="request_too_large"
-    )
+def single_file(files: dict[str, list[bytes]], field: str, required: bool = True) -> bytes | None:
+    """The one file sent as `field` (or `field[]`): a missing required file or several are a 400."""
+    sent = files.get(field, [])
+    if not sent:
+        if required:
+            raise OpenAIError(400, f"Missing required parameter: '{field}' (a file).", param=field, code="missing_required_parameter")
+        return None
+    if len(sent) > 1:
+        raise OpenAIError(400, f"Send exactly one '{field}'; got {len(sent)}.", param=field, code="invalid_value")
+    return sent[0]

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .encoding import MEDIA_TYPES
+from ..codec import MEDIA_TYPES
 
 # Scanning the directory on every write would cost O(files) per image.
 PURGE_INTERVAL_S = 1.0

@@ -1,4 +1,5 @@
-"""Several diffusion workers (one per GPU) behind one client, balanced by their load.
+"""The diffusion workers (one per GPU) behind one client, balanced by their load; a pool of one
+when there is a single worker, so readiness and batcher warm-up take one path either way.
 
 BentoML runs the processes of one service behind a shared socket, where the kernel, not the
 load, decides who gets a connection. HyperGen declares one worker *service* per GPU instead
@@ -14,9 +15,9 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
-from .protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerStatus
+from ..protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerEvent, WorkerStatus
 
-logger = logging.getLogger("hypergen.balancing")
+logger = logging.getLogger("hypergen.pool")
 
 # A worker that does not answer its status within this is counted as not ready, so one hung
 # worker cannot hold up the pool's answer (the API gives the whole call 3 s).
@@ -68,7 +69,7 @@ class WorkerPool:
             raise ValueError("a pool needs one name per worker, and at least one worker")
         self._workers = list(workers)
         self.loads = [WorkerLoad(name) for name in names]
-        self._owner: dict[str, int] = {}  # request ID → index of the worker running it
+        self._owner: dict[str, int] = {}  # job id → index of the worker running it
         # Requests whose caller gave up (timeout, disconnect): the API's cancel comes after the
         # call was abandoned here, and must still find the worker that runs the job.
         self._abandoned: OrderedDict[str, int] = OrderedDict()
@@ -127,7 +128,7 @@ class WorkerPool:
         finally:
             self._release(index, images, job_ids, outcome)
 
-    async def generate_stream(self, job: GenerationJob, partial_images: int, progress: bool = False) -> AsyncIterator[dict[str, Any]]:
+    async def generate_stream(self, job: GenerationJob, partial_images: int, progress: bool = False) -> AsyncIterator[WorkerEvent]:
         index = self.choose(job.n)
         self._owner[job.job_id] = index
         outcome = "cancelled"  # unless it ends or fails: the client went away
@@ -162,13 +163,13 @@ class WorkerPool:
                 # Back after a restart: it rejoins once it has caught up (in the background).
                 if load.catching_up is None:
                     load.catching_up = asyncio.get_running_loop().create_task(self._catch_up(index, status))
-                status = WorkerStatus(ready=False, detail="catching up: run-time adapters, batcher warm-up")
+                status = WorkerStatus(ready=False, detail="warming up the batcher (and replaying run-time adapters)")
             load.ready, load.detail = status.ready, "" if status.ready else status.detail
             statuses[index] = status
         ready = [status for status in statuses if status.ready]
         workers = [load.as_dict() for load in self.loads]
         if not ready:
-            details = "; ".join(f"{load.name}: {load.detail}" for load in self.loads)
+            details = "; ".join(load.detail if self.size == 1 else f"{load.name}: {load.detail}" for load in self.loads)
             return WorkerStatus(ready=False, detail=details, workers=workers)
         devices = ",".join(dict.fromkeys(status.device or "?" for status in ready))
         busy = [call for status in ready for call in status.busy]
@@ -181,8 +182,8 @@ class WorkerPool:
         try:
             for name, command in list(self._adapters.items()):
                 reply = await worker.manage_loras(command)
-                if not reply.ok and reply.status != 409:  # 409: it is already there
-                    logger.error("worker %s could not load adapter '%s' again: %s", load.name, name, reply.message)
+                if reply.error is not None and reply.error.status != 409:  # 409: it is already there
+                    logger.error("worker %s could not load adapter '%s' again: %s", load.name, name, reply.error.message)
             if status.models:
                 for call in range(self.warm_up_calls):
                     await worker.generate([GenerationJob.warm_up(status.models[0], call)])
@@ -201,7 +202,7 @@ class WorkerPool:
             return await self._workers[ready[0]].manage_loras(command)
         alive = [index for index, load in enumerate(self.loads) if load.ready or load.catching_up] or ready
         replies = await asyncio.gather(*(self._workers[index].manage_loras(command) for index in alive))
-        failed = [reply for reply in replies if not reply.ok]
+        failed = [reply for reply in replies if reply.error is not None]
         if failed:
             return failed[0]
         if command.action == "load" and command.name:

@@ -9,44 +9,15 @@ COUNT were admitted in the last UNIT, and `Retry-After` says when the oldest one
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from typing import Callable, Literal
 
-from .errors import OpenAIError
+from ..config import RateRule
+from ..errors import OpenAIError
 
-WINDOWS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
-_RULE = re.compile(r"^\s*(\d+)\s*(images?)?\s*/\s*(second|minute|hour|day)s?\s*$", re.IGNORECASE)
 # Keys remembered at most; the least recently seen are forgotten first.
 MAX_TRACKED_KEYS = 100_000
-
-
-@dataclass(frozen=True)
-class RateRule:
-    limit: int
-    window_s: float
-    unit: Literal["requests", "images"]
-
-    @property
-    def label(self) -> str:
-        name = next(name for name, seconds in WINDOWS.items() if seconds == self.window_s)
-        return f"{self.limit} {self.unit}/{name}"
-
-
-def parse_rate_limit(text: str | None) -> list[RateRule]:
-    """`"60/minute,200 images/hour"` → rules; raises ValueError naming the bad rule."""
-    rules: list[RateRule] = []
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        match = _RULE.match(part)
-        if not match or int(match.group(1)) < 1:
-            raise ValueError(f"rate limit rule '{part.strip()}' is not like '60/minute' or '200 images/hour'")
-        unit: Literal["requests", "images"] = "images" if match.group(2) else "requests"
-        rules.append(RateRule(int(match.group(1)), WINDOWS[match.group(3).lower()], unit))
-    return rules
 
 
 def format_reset(seconds: float) -> str:

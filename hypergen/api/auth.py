@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 
-from .errors import OpenAIError
+from ..errors import OpenAIError
 
 logger = logging.getLogger("hypergen.auth")
 

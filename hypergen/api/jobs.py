@@ -1,0 +1,94 @@
+"""A validated request becomes a worker job (pure: no I/O, no state)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from ..codec import encode_image_b64
+from ..errors import OpenAIError, invalid_value, model_not_found, not_ready_error
+from ..protocol import MAX_SEED, GenerationJob, ImageRequestOptions, Mode, ModelLimits
+from .uploads import FittedUpload
+
+# Variations have no prompt: an empty one lets the model vary the image freely (guidance then
+# has nothing to pull towards, so any guidance scale gives the same result).
+VARIATION_PROMPT = ""
+# OpenAI leaves the edit strength to the server: how far a result may move from the image.
+EDIT_STRENGTH, INPAINT_STRENGTH, VARIATION_STRENGTH = 0.75, 1.0, 0.6
+
+
+def resolve_model(requested: str | None, models: list[ModelLimits]) -> ModelLimits:
+    """The served model a request names (omitted or empty: the default, listed first)."""
+    if not models:
+        raise not_ready_error("The server is not ready: no model is loaded.")
+    if not requested:
+        return models[0]
+    for limits in models:
+        if limits.id == requested:
+            return limits
+    raise model_not_found(requested, [limits.id for limits in models])
+
+
+def resolve_size(limits: ModelLimits, size: str | None) -> tuple[int, int]:
+    try:
+        return limits.resolve_size(size)
+    except ValueError as error:
+        raise invalid_value("size", f"Invalid 'size': {error}.") from None
+
+
+def seeds_for(seed: int | None, n: int) -> list[int]:
+    """With a seed, image i uses seed + i, so a request is reproducible; without, each image is new."""
+    if seed is not None:
+        return [(seed + index) % (MAX_SEED + 1) for index in range(n)]
+    return [secrets.randbelow(MAX_SEED + 1) for _ in range(n)]
+
+
+def build_job(
+    request: ImageRequestOptions,
+    limits: ModelLimits,
+    request_id: str,
+    prompt: str,
+    negative_prompt: str | None,
+    size: tuple[int, int],
+) -> GenerationJob:
+    return GenerationJob(
+        request_id=request_id,
+        model=limits.id,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width=size[0],
+        height=size[1],
+        num_inference_steps=request.num_inference_steps or limits.default_steps,
+        guidance_scale=request.guidance_scale if request.guidance_scale is not None else limits.default_guidance_scale,
+        seeds=seeds_for(request.seed, request.n or 1),
+        output_format=request.output_format or "png",
+        output_compression=100 if request.output_compression is None else request.output_compression,
+        lora_path=request.lora_path,
+        lora_scale=request.lora_scale,
+        admitted_at=time.time(),
+    )
+
+
+def with_upload(job: GenerationJob, mode: Mode, strength: float, upload: FittedUpload, limits: ModelLimits) -> GenerationJob:
+    """An edit or variation job: the fitted upload (and mask) as PNG, checked against the model."""
+    if mode not in limits.modes:
+        param = "mask" if mode == "inpainting" else "image"
+        raise invalid_value(param, f"Model '{limits.id}' cannot do {mode}; it supports: {', '.join(limits.modes)}.")
+    if int(job.num_inference_steps * strength) < 1:
+        raise invalid_value(
+            "strength",
+            f"strength {strength} × num_inference_steps {job.num_inference_steps} leaves no denoising step; "
+            "raise either so that their product is at least 1.",
+        )
+    return job.model_copy(
+        update={
+            "mode": mode,
+            "strength": strength,
+            "image_b64": encode_image_b64(upload.image),
+            "mask_b64": encode_image_b64(upload.mask) if upload.mask is not None else None,
+        }
+    )
+
+
+def refuse_streamed_variation() -> OpenAIError:
+    return invalid_value("stream", "Variations cannot be streamed (as in OpenAI's API); send 'stream': false.")

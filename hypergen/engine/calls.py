@@ -1,0 +1,244 @@
+"""Running a batch of jobs as grouped pipeline calls, on the engine's pipeline thread.
+
+A failure that belongs to one job fails that job alone: its adapter cannot be had (400 for its
+bad input, 500 otherwise), or its pipeline call fails and, retried alone, fails again. A call
+that every job in it gave up on is interrupted and delivers no images.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..codec import decode_image_b64, encode_image_b64
+from ..metrics import metrics
+from ..protocol import GenerationJob, GenerationResult, WorkerError
+from .batching import PipelineCall, group_compatible_jobs
+from .loras import LoadedAdapter, LoraError
+from .models import ServedModels
+from .previews import StepPreviews, StreamTicket
+from .streams import JobTable
+
+logger = logging.getLogger("hypergen.engine")
+
+
+class CallInterrupted(Exception):
+    """A pipeline call stopped early because every request in it was cancelled."""
+
+
+def keep_unmasked(generated: Any, original: Any, mask: Any) -> Any:
+    """OpenAI's edit contract: pixels outside the mask come back as they were sent, not as the
+    autoencoder's round trip of them. The mask is binarized at 50 % as diffusers does."""
+    from PIL import Image
+
+    binary = mask.convert("L").point(lambda value: 255 if value >= 128 else 0)
+    return Image.composite(generated.convert("RGB"), original.convert("RGB"), binary)
+
+
+def observe_call(mode: str, images: int, requests: int, generation_s: float, encode_s: float) -> None:
+    recorded = metrics()
+    recorded.generation_seconds.labels(mode=mode).observe(generation_s)
+    recorded.encode_seconds.observe(encode_s)
+    recorded.batch_images.observe(images)
+    recorded.batch_requests.observe(requests)
+    recorded.images.labels(mode=mode).inc(images)
+    import torch
+
+    if torch.cuda.is_available():
+        recorded.gpu_memory_bytes.set(torch.cuda.memory_allocated())
+
+
+def failure(error: BaseException) -> WorkerError:
+    return WorkerError(message=f"{type(error).__name__}: {error}")
+
+
+@dataclass
+class Batch:
+    """One `run` of jobs: their results, adapters and streaming tickets (job index → ticket)."""
+
+    jobs: list[GenerationJob]
+    tickets: dict[int, StreamTicket]
+    results: list[GenerationResult] = field(init=False)
+    adapters: dict[int, LoadedAdapter] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.results = [GenerationResult(request_id=job.request_id) for job in self.jobs]
+
+    def fail(self, index: int, error: WorkerError) -> None:
+        self.results[index].error = error
+
+
+class BatchRunner:
+    def __init__(self, models: ServedModels, table: JobTable, max_batch_size: int) -> None:
+        self.models = models
+        self.table = table
+        self.max_batch_size = max_batch_size
+        self.busy: dict[str, Any] | None = None  # the pipeline call running now, for /health
+
+    def run(self, jobs: list[GenerationJob], tickets: dict[int, StreamTicket] | None = None) -> list[GenerationResult]:
+        """Run jobs (in arrival order) as grouped pipeline calls; one result per job. Streaming
+        jobs (`tickets`) get progress and partial images and can be cancelled mid-call."""
+        batch = Batch(jobs, tickets or {})
+        if not self.models.ready:
+            for index in range(len(jobs)):
+                batch.fail(index, WorkerError(message=self.models.error or "the model is not loaded", status=503))
+            return batch.results
+        self._resolve_adapters(batch)
+        runnable = [index for index, result in enumerate(batch.results) if result.error is None and not self._cancelled(batch, index)]
+        for call in group_compatible_jobs([jobs[index] for index in runnable], self.max_batch_size):
+            call.images = [(runnable[job], image) for job, image in call.images]
+            self._run_isolating_failures(batch, call)
+        return batch.results
+
+    def _cancelled(self, batch: Batch, index: int) -> bool:
+        ticket = batch.tickets.get(index)
+        return (ticket is not None and ticket.cancelled.is_set()) or self.table.is_cancelled(batch.jobs[index].job_id)
+
+    def _resolve_adapters(self, batch: Batch) -> None:
+        """Each job's adapter, loading allowed paths on first use; a job whose adapter cannot be
+        had fails alone (400 naming `lora_path` for a bad path) and does not run."""
+        in_use: set[str] = set()
+        for index, job in enumerate(batch.jobs):
+            if job.lora_path is None:
+                continue
+            if job.mode == "inpainting" and self.models.settings.inpaint_model and not self.models.is_extra(job.model):
+                message = "LoRA adapters do not apply to the dedicated inpainting model (HYPERGEN_INPAINT_MODEL)."
+                batch.fail(index, WorkerError(message=message, status=400, param="lora_path"))
+                continue
+            try:
+                batch.adapters[index] = self.models.get(job.model)[1].resolve(job.lora_path, protect=in_use)
+                in_use.add(batch.adapters[index].name)
+            except LoraError as error:
+                batch.fail(index, WorkerError(message=error.message, status=400, param="lora_path"))
+            except Exception as error:
+                logger.exception("request %s: resolving its adapter failed", job.request_id)
+                batch.fail(index, failure(error))
+
+    def _run_isolating_failures(self, batch: Batch, call: PipelineCall) -> None:
+        """Run one call; if it fails and served several jobs, retry each job alone so that one
+        bad request cannot fail the others."""
+        try:
+            self._run_call(batch, call)
+            return
+        except CallInterrupted as interrupted:
+            # Everyone in the call had gone: half-denoised images must never be delivered.
+            for job_index in call.job_indices:
+                batch.fail(job_index, WorkerError(message=f"cancelled: {interrupted}", status=499))
+            return
+        except Exception as error:
+            ids = ", ".join(batch.jobs[index].request_id for index in call.job_indices)
+            logger.error("pipeline call for requests [%s] failed: %s\n%s", ids, error, traceback.format_exc())
+            if len(call.job_indices) == 1:
+                batch.fail(call.job_indices[0], failure(error))
+                return
+        for job_index in call.job_indices:
+            alone = PipelineCall(call.key, [image for image in call.images if image[0] == job_index])
+            try:
+                self._run_call(batch, alone)
+            except Exception as error:
+                logger.error("request %s failed alone too: %s\n%s", batch.jobs[job_index].request_id, error, traceback.format_exc())
+                batch.fail(job_index, failure(error))
+
+    def _run_call(self, batch: Batch, call: PipelineCall) -> None:
+        first_index = call.images[0][0]
+        first = batch.jobs[first_index]
+        loaded, loras = self.models.get(first.model)
+        self.models.residency.use(loaded.name)
+        loras.activate(batch.adapters.get(first_index), first.lora_scale)
+        pipe = loaded.modes.get(first.mode)
+        if pipe is None:
+            raise ValueError(f"model '{first.model}' cannot do {first.mode}")
+        arguments = call_arguments(batch.jobs, call)
+        started_at = time.time()
+        busy = {
+            "requests": [batch.jobs[job].request_id for job in call.job_indices],
+            "images": len(call.images),
+            "size": f"{first.width}x{first.height}",
+            "steps": first.num_inference_steps,
+            "step": 0,
+            "started_at": started_at,
+        }
+        call_tickets = {job: batch.tickets[job] for job in call.job_indices if job in batch.tickets}
+        arguments["callback_on_step_end"] = StepPreviews(
+            call.images, call_tickets, lambda job: self._cancelled(batch, job), on_step=lambda done: busy.update(step=done)
+        )
+        arguments["callback_on_step_end_tensor_inputs"] = ["latents"]
+        started = time.perf_counter()
+        self.busy = busy
+        try:
+            output = pipe(**arguments)
+        finally:
+            self.busy = None
+        if getattr(pipe, "_interrupt", False):
+            raise CallInterrupted(f"interrupted at step {busy['step']} of {first.num_inference_steps}")
+        generation_s = time.perf_counter() - started
+        self._deliver(batch, call, output.images, arguments, started_at, generation_s)
+
+    def _deliver(
+        self, batch: Batch, call: PipelineCall, images: list[Any], arguments: dict[str, Any], started_at: float, generation_s: float
+    ) -> None:
+        """Encode a call's images and hand each job its own, with its timings."""
+        first = batch.jobs[call.images[0][0]]
+        encode_started = time.perf_counter()
+        if first.mode == "inpainting":
+            images = [keep_unmasked(image, *pair) for image, *pair in zip(images, arguments["image"], arguments["mask_image"])]
+        encoded = {
+            position: encode_image_b64(image, batch.jobs[position[0]].output_format, batch.jobs[position[0]].output_compression)
+            for position, image in zip(call.images, images)
+        }
+        encode_s = time.perf_counter() - encode_started
+        for job_index in call.job_indices:
+            job, result = batch.jobs[job_index], batch.results[job_index]
+            if not result.images_b64:
+                result.queue_wait_s = max(0.0, started_at - job.admitted_at)
+                metrics().queue_wait_seconds.observe(result.queue_wait_s)
+            job_images = [encoded[(job_index, image)] for image in range(job.n) if (job_index, image) in encoded]
+            result.images_b64.extend(job_images)
+            result.generation_s += generation_s
+            result.encode_s += encode_s * len(job_images) / len(call.images)
+            result.batch_images = max(result.batch_images, len(call.images))
+        observe_call(first.mode, len(call.images), len(call.job_indices), generation_s, encode_s)
+        logger.log(
+            logging.DEBUG if first.is_warm_up else logging.INFO,
+            "pipeline call: %d images for %d requests, %dx%d, %d steps, %.3fs generation, %.3fs encoding",
+            len(call.images),
+            len(call.job_indices),
+            first.width,
+            first.height,
+            first.num_inference_steps,
+            generation_s,
+            encode_s,
+        )
+
+
+def call_arguments(jobs: list[GenerationJob], call: PipelineCall) -> dict[str, Any]:
+    """The pipeline's arguments for one call: per-image prompts and generators; the size for
+    text-to-image, init images (and masks, strength) for edits."""
+    import torch
+
+    first = jobs[call.images[0][0]]
+    arguments: dict[str, Any] = {
+        "prompt": [jobs[job].prompt for job, _ in call.images],
+        "negative_prompt": None if first.negative_prompt is None else [jobs[job].negative_prompt for job, _ in call.images],
+        "num_inference_steps": first.num_inference_steps,
+        "guidance_scale": first.guidance_scale,
+        # CPU generators: the same seed gives the same image on any device.
+        "generator": [torch.Generator("cpu").manual_seed(jobs[job].seeds[image]) for job, image in call.images],
+        "output_type": "pil",
+    }
+    if first.mode == "text-to-image":
+        return {**arguments, "width": first.width, "height": first.height}
+    decoded: dict[int, tuple[Any, Any]] = {}
+    for job_index in call.job_indices:
+        job = jobs[job_index]
+        mask = decode_image_b64(job.mask_b64).convert("L") if job.mask_b64 else None
+        decoded[job_index] = (decode_image_b64(job.image_b64 or "").convert("RGB"), mask)
+    arguments["image"] = [decoded[job][0] for job, _ in call.images]
+    arguments["strength"] = first.strength
+    if first.mode == "inpainting":
+        arguments["mask_image"] = [decoded[job][1] for job, _ in call.images]
+        arguments["width"], arguments["height"] = first.width, first.height
+    return arguments

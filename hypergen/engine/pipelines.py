@@ -1,0 +1,172 @@
+"""Loading diffusers pipelines: any text-to-image model, its edit pipelines, its defaults.
+
+Only the worker (and the CLI's `import` step) import this module: it pulls in torch and
+diffusers, which the API process must stay free of.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("hypergen.pipelines")
+
+# The embedded default: a small trained model that draws simple shapes in named colours
+# ("a red circle on a blue background"), trained by `python -m training.demo_model`.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+# Optional per-model defaults a model directory may carry (HyperGen's own convention).
+# Without its `max_side`, a model draws at most twice its native side: OpenAI's default
+# 1024x1024 on a 64x64 model is 256x the pixels, and one step of it took ~18 minutes on a CPU.
+MAX_SIDE_PER_NATIVE_SIDE = 2
+MODEL_DEFAULTS_FILE = "hypergen.json"
+
+
+@dataclass
+class LoadedPipeline:
+    """A ready text-to-image pipeline and what clients may ask of it."""
+
+    name: str
+    pipe: Any
+    source: str
+    device: str
+    dtype: torch.dtype
+    native_width: int
+    native_height: int
+    default_steps: int
+    default_guidance_scale: float
+    max_side: int  # the largest side it is asked to draw (larger steps cost minutes or hours)
+    random_weights: bool
+    load_seconds: float
+    # "text-to-image" → pipe; "image-to-image" / "inpainting" → pipelines sharing its weights.
+    modes: dict[str, Any] = field(default_factory=dict)
+
+
+def choose_device(requested: str | None = None) -> str:
+    """`cuda` when a GPU is visible, else `cpu`; an explicit setting wins."""
+    if requested:
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def choose_dtype(device: str) -> torch.dtype:
+    """fp16/bf16 on accelerators (bf16 where the GPU supports it), fp32 on CPU."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.startswith("mps"):
+        return torch.float16
+    return torch.float32
+
+
+def load_text_to_image(name: str, source: str, device: str | None = None) -> LoadedPipeline:
+    """Load a diffusers pipeline from a local directory or a Hub id, ready for text-to-image."""
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
+    started = time.perf_counter()
+    device = choose_device(device)
+    dtype = choose_dtype(device)
+    logger.info("loading model '%s' from %s onto %s (%s)", name, source, device, str(dtype).replace("torch.", ""))
+    try:
+        pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
+    except (ValueError, KeyError):
+        # Pipelines AutoPipeline has no mapping for (community or newer classes) still load generically.
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype)
+    logger.info("model '%s': %s read in %.2fs", name, describe_components(pipe), time.perf_counter() - started)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    width, height = native_size(pipe)
+    defaults = read_model_defaults(source)
+    modes = derive_mode_pipelines(pipe)
+    return LoadedPipeline(
+        name=name,
+        pipe=pipe,
+        source=source,
+        device=device,
+        dtype=dtype,
+        native_width=defaults.get("width", width),
+        native_height=defaults.get("height", height),
+        default_steps=int(defaults.get("num_inference_steps", 50)),
+        default_guidance_scale=float(defaults.get("guidance_scale", 7.5)),
+        max_side=int(defaults.get("max_side", MAX_SIDE_PER_NATIVE_SIDE * max(width, height))),
+        random_weights=bool(defaults.get("random_weights", False)),
+        load_seconds=time.perf_counter() - started,
+        modes=modes,
+    )
+
+
+def describe_components(pipe: Any) -> str:
+    """`unet UNet2DConditionModel 3.3M, vae AutoencoderKL 0.2M, ...`: what a pipeline is made of."""
+    parts = []
+    for key, component in pipe.components.items():
+        if component is None:
+            continue
+        if isinstance(component, torch.nn.Module):
+            millions = sum(parameter.numel() for parameter in component.parameters()) / 1e6
+            parts.append(f"{key} {type(component).__name__} {millions:.1f}M")
+        else:
+            parts.append(f"{key} {type(component).__name__}")
+    return f"{type(pipe).__name__} [{', '.join(parts)}]"
+
+
+def load_inpainting(source: str, device: str, dtype: Any) -> Any:
+    """A dedicated inpainting checkpoint (e.g. a 9-channel SD inpainting UNet): its own weights."""
+    from diffusers import AutoPipelineForInpainting
+
+    pipe = AutoPipelineForInpainting.from_pretrained(source, dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def derive_mode_pipelines(pipe: Any) -> dict[str, Any]:
+    """Image-to-image and inpainting pipelines built with `from_pipe`: they reuse the loaded
+    components (same tensors), so edits cost no second copy of the weights."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    modes: dict[str, Any] = {"text-to-image": pipe}
+    for mode, auto_class in (("image-to-image", AutoPipelineForImage2Image), ("inpainting", AutoPipelineForInpainting)):
+        try:
+            derived = auto_class.from_pipe(pipe)
+        except Exception as error:  # not every architecture has these pipelines
+            logger.info("this model has no %s pipeline (%s: %s)", mode, type(error).__name__, error)
+            continue
+        derived.set_progress_bar_config(disable=True)
+        modes[mode] = derived
+    return modes
+
+
+def native_size(pipe: Any) -> tuple[int, int]:
+    """The resolution a pipeline was trained at: UNet/transformer sample size × VAE scale."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    sample_size = getattr(getattr(denoiser, "config", None), "sample_size", None) or 64
+    if isinstance(sample_size, (list, tuple)):
+        sample_height, sample_width = sample_size
+    else:
+        sample_height = sample_width = int(sample_size)
+    scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    return sample_width * scale, sample_height * scale
+
+
+def read_model_defaults(source: str) -> dict[str, Any]:
+    path = Path(source) / MODEL_DEFAULTS_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {}
+
+
+def embedded_default_path() -> Path:
+    """The embedded default model's directory (the demo model shipped inside the package)."""
+    if not (DEMO_MODEL_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(f"the embedded demo model is missing from {DEMO_MODEL_DIR}; reinstall HyperGen")
+    return DEMO_MODEL_DIR
