@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hypergen.engine.loras import LoraManager
     from hypergen.engine.pipelines import load_text_to_image
-    from hypergen.testing import save_tiny_pipeline
-    from hypergen.testing import save_random_lora
+    from hypergen.testing import save_random_lora, save_tiny_pipeline
 
     work = Path(tempfile.mkdtemp(prefix="hypergen-bench-loras-"))
     model = save_tiny_pipeline(work / "model")
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         manager.load("b", str(sources[1]))
         first, second = manager.resolve("a"), manager.resolve("b")
         manager.activate(first, 1.0)
-        timed("switch", lambda: manager.activate(second, 0.7))
+        timed("switch", lambda: manager.activate(second, 0.7))  # noqa: B023 (called at once)
         timed("disable", lambda: manager.activate(None, None))
         manager.unload("b")
         timed("unload", lambda: manager.unload("a"))

@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from hypergen.engine.pipelines import load_text_to_image
-    from hypergen.testing import save_tiny_pipeline
     from hypergen.engine.previews import StepPreviews, StreamTicket
     from hypergen.protocol import GenerationJob
+    from hypergen.testing import save_tiny_pipeline
 
     model = args.model or str(save_tiny_pipeline(Path(tempfile.mkdtemp()) / "model"))
     pipe = load_text_to_image("bench", model).pipe

@@ -97,7 +97,7 @@ class Settings(BaseSettings):
         return [key.strip() for key in (self.api_keys or "").split(",") if key.strip()]
 
     @cached_property
-    def lora_specs(self) -> list["LoraSpec"]:
+    def lora_specs(self) -> list[LoraSpec]:
         """The adapters loaded (and pinned) at start: HYPERGEN_LORAS; when it is unset and the
         embedded demo model is served, its `outline` adapter (HYPERGEN_LORAS="" turns that off)."""
         if self.loras is None and self.default_model_source is None:
@@ -114,7 +114,7 @@ class Settings(BaseSettings):
         return parse_model_specs(self.models or "")[1:]
 
     @cached_property
-    def rate_rules(self) -> list["RateRule"]:
+    def rate_rules(self) -> list[RateRule]:
         return parse_rate_limit(self.rate_limit)
 
     @property

@@ -6,7 +6,7 @@ here (so it works from an installed wheel). Only wiring: the logic lives in `hyp
 
 from __future__ import annotations
 
-from typing import AsyncGenerator
+from collections.abc import AsyncGenerator
 
 import bentoml
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
 from ..protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerEvent, WorkerStatus
 
@@ -37,7 +38,7 @@ class WorkerLoad:
     device: str | None = None
     pid: int | None = None
     detail: str = ""
-    catching_up: "asyncio.Task[None] | None" = None
+    catching_up: asyncio.Task[None] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
 
 
 class QueueFull(Exception):
@@ -41,7 +41,7 @@ class AdmissionQueue:
         busy = self.in_flight >= self.max_in_flight or bool(self._waiting)
         return busy and len(self._waiting) >= self.max_waiting
 
-    def position(self, turn: "asyncio.Future[None] | None") -> int:
+    def position(self, turn: asyncio.Future[None] | None) -> int:
         """1 for the next request to be dispatched; 0 once `turn` has its slot (or is unknown)."""
         try:
             return self._waiting.index(turn) + 1 if turn is not None else 0
@@ -49,7 +49,7 @@ class AdmissionQueue:
             return 0
 
     @asynccontextmanager
-    async def slot(self, on_wait: Callable[["asyncio.Future[None]"], None] | None = None) -> AsyncIterator[None]:
+    async def slot(self, on_wait: Callable[[asyncio.Future[None]], None] | None = None) -> AsyncIterator[None]:
         """Wait (FIFO) for a dispatch slot and hold it for the body of the `async with`.
 
         `on_wait(turn)` is called if the request has to wait; `position(turn)` then tells where."""

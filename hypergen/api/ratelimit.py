@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 from ..config import RateRule
 from ..errors import OpenAIError

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
@@ -25,8 +26,8 @@ from ..protocol import (
     LoraReply,
     Mode,
     ModelCard,
-    ModelList,
     ModelLimits,
+    ModelList,
 )
 from . import jobs
 from .dispatch import Admission, Dispatcher

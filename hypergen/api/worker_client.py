@@ -4,8 +4,9 @@ implementation (`bentoml.depends` handles), and the pool every client goes throu
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Protocol, Sequence
+from typing import Any, Protocol
 
 from ..protocol import WORKER_EVENT, GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerEvent, WorkerStatus
 from .pool import WorkerPool

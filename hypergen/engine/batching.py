@@ -9,8 +9,8 @@ its own generator, so it is the image the job would get alone.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
 
 from ..protocol import GenerationJob
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import AsyncIterator, Sequence
 
 from ..config import Settings
 from ..protocol import (

@@ -16,9 +16,10 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..config import is_bentoml_tag
 from ..metrics import metrics

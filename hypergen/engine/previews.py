@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..codec import encode_image_b64
 from ..protocol import GenerationJob, PartialImageEvent, ProgressEvent, WorkerEvent

@@ -8,8 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import httpx
 
@@ -41,7 +41,7 @@ class BentoServer:
         self.log_path = log_path
         self.health_seen: list[int] = []
         full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", **env}
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed by stop())
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", target, "--port", str(self.port), "--host", "127.0.0.1", *extra_args],
             cwd=cwd,
@@ -86,7 +86,7 @@ class BentoServer:
         if not self._log.closed:
             self._log.close()
 
-    def __enter__(self) -> "BentoServer":
+    def __enter__(self) -> BentoServer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Sequence
 
 import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from hypergen.api.auth import ApiKeyAuth
-from hypergen.config import Settings
-from hypergen.protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerStatus
 from hypergen.api.app import create_app
+from hypergen.api.auth import ApiKeyAuth
 from hypergen.api.pool import WorkerPool
 from hypergen.api.serving import ImageServing
+from hypergen.config import Settings
+from hypergen.protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerStatus
 
 
 class EngineClient:
@@ -43,7 +43,7 @@ class EngineClient:
         self.engine.cancel(job_id)
 
 
-def start_engine(settings: Settings, model_path) -> "DiffusionEngine":  # noqa: F821
+def start_engine(settings: Settings, model_path) -> DiffusionEngine:  # noqa: F821
     """A DiffusionEngine on `model_path`, once it reports ready (start-up LoRAs included)."""
     from hypergen.engine.engine import DiffusionEngine
 

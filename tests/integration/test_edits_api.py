@@ -164,8 +164,8 @@ def test_edit_pipelines_share_the_loaded_weights(engine):
 
 def test_a_dedicated_inpainting_checkpoint_is_used_for_masks(tiny_sd_dir, tmp_path):
     from hypergen.config import Settings
-    from hypergen.testing import save_tiny_pipeline
     from hypergen.protocol import GenerationJob
+    from hypergen.testing import save_tiny_pipeline
 
     inpainting_dir = save_tiny_pipeline(tmp_path / "tiny-inpainting", kind="sd-inpainting", seed=3)
     engine = start_engine(Settings(model=str(tiny_sd_dir), home=tmp_path, inpaint_model=str(inpainting_dir)), tiny_sd_dir)

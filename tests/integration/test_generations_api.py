@@ -210,9 +210,8 @@ def test_a_failing_generation_is_500_for_that_request_only(make_app, engine, cap
             good = client.post("/v1/images/generations", json={"prompt": "fine", "num_inference_steps": 2})
             return await asyncio.gather(bad, good)
 
-    with failing_pipeline(engine, "explode", RuntimeError("CUDA out of memory (simulated)")):
-        with caplog.at_level(logging.INFO, logger="hypergen"):
-            bad, good = run(scenario())
+    with failing_pipeline(engine, "explode", RuntimeError("CUDA out of memory (simulated)")), caplog.at_level(logging.INFO, logger="hypergen"):
+        bad, good = run(scenario())
     assert bad.status_code == 500
     error = bad.json()["error"]
     assert error["code"] == "generation_failed" and "CUDA" not in error["message"] and "Traceback" not in error["message"]

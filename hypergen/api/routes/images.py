@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Awaitable
 from contextlib import aclosing
-from typing import Any, Awaitable, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
