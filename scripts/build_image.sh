@@ -85,7 +85,9 @@ python = config["python"]
 python["wheels"] = [os.path.relpath(wheel, root)]  # BentoML takes wheels relative to the build context
 # The Bento's install script runs in env/python, next to wheels/: naming the wheel file as the
 # torch requirement makes the resolver take it there, so peft and accelerate pull no CUDA torch.
-python["packages"] = [f"./wheels/{os.path.basename(wheel)}" if p.startswith("torch") else p for p in python["packages"]]
+requirements = [line.strip() for line in open(os.path.join(root, python.pop("requirements_txt")))]
+requirements = [line for line in requirements if line and not line.startswith("#")]
+python["packages"] = [f"./wheels/{os.path.basename(wheel)}" if p.startswith("torch") else p for p in requirements]
 yaml.safe_dump(config, open(target, "w"), sort_keys=False)
 PY
 (cd "$ROOT" && python3 -m hypergen.cli build --bentofile "$WORK/bentofile-cpu.yaml")
