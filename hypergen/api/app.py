@@ -10,9 +10,9 @@ from fastapi import FastAPI
 
 from .. import __version__
 from ..errors import install_error_handlers
-from ..playground import mount_playground
 from .middleware import RequestLimits
 from .routes import images, models, ops
+from .routes.playground import mount_playground
 
 MIB = 1024 * 1024
 

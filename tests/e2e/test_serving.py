@@ -173,3 +173,14 @@ def test_sustained_concurrent_load_loses_no_request(default_server):
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(send, range(150)))
     assert outcomes == [(200, 1)] * 150
+
+
+def test_a_start_shows_what_loads_and_no_noise(default_server, client):
+    client.images.generate(prompt="a red circle", size="64x64", extra_body={"num_inference_steps": 2})
+    httpx.get(f"{default_server.base_url}/health")
+    log = default_server.log()
+    assert "loading model 'hypergen-tiny-sd'" in log and "UNet2DConditionModel" in log  # what loads, and how long
+    assert "requires torchvision" not in log and "Loading pipeline components" not in log
+    assert "path=/status" not in log and "path=/health" not in log  # the API's own polling
+    assert "path=/v1/images/generations" in log  # real requests stay
+    assert "API keys are off" in log

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-PLAYGROUND_FILES = Path(__file__).resolve().parent / "playground"
+PLAYGROUND_FILES = Path(__file__).resolve().parents[2] / "playground"  # hypergen/playground/
 
 
 def mount_playground(app: FastAPI) -> None:
