@@ -273,6 +273,9 @@ class ModelLimits(BaseModel):
     default_steps: int = 50
     default_guidance_scale: float = 7.5
     modes: list[str] = Field(default_factory=lambda: ["text-to-image"])
+    native_step_s: float | None = Field(
+        default=None, description="one denoising step of one image at the native size, measured by the warm-up calls"
+    )
 
     def resolve_size(self, size: str | None) -> tuple[int, int]:
         """Validated (width, height) for a request's `size` (None or 'auto' = native)."""

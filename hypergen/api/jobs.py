@@ -36,6 +36,30 @@ def resolve_size(limits: ModelLimits, size: str | None) -> tuple[int, int]:
         raise invalid_value("size", f"Invalid 'size': {error}.") from None
 
 
+# Time per step grows faster than the pixel count (attention is quadratic in tokens): a
+# conservative exponent between the convolutions' 1 and attention's 2.
+STEP_COST_EXPONENT = 1.5
+
+
+def refuse_unaffordable_size(limits: ModelLimits, size: tuple[int, int], timeout_s: float) -> None:
+    """A 400 for a size whose single denoising step would outlast the request timeout, by the
+    step time the warm-up measured at the native size (unknown until then: nothing refused)."""
+    if not limits.native_step_s:
+        return
+    native_pixels = limits.native_width * limits.native_height
+    step_s = limits.native_step_s * (size[0] * size[1] / native_pixels) ** STEP_COST_EXPONENT
+    if step_s <= timeout_s:
+        return
+    fitting = (timeout_s / limits.native_step_s) ** (1 / STEP_COST_EXPONENT) * native_pixels
+    side = max(limits.min_side, min(limits.max_side, int(fitting**0.5) // 8 * 8))
+    raise invalid_value(
+        "size",
+        f"size '{size[0]}x{size[1]}' would take about {step_s:.0f} s for each denoising step on this server "
+        f"({limits.native_step_s * 1000:.0f} ms at {limits.native_width}x{limits.native_height}), longer than the "
+        f"request timeout of {timeout_s:g} s; the largest square size that fits is '{side}x{side}'.",
+    )
+
+
 def seeds_for(seed: int | None, n: int) -> list[int]:
     """With a seed, image i uses seed + i, so a request is reproducible; without, each image is new."""
     if seed is not None:

@@ -114,6 +114,7 @@ class ImageServing:
         strength = request.strength or (jobs.INPAINT_STRENGTH if mask is not None else jobs.EDIT_STRENGTH)
         limits = jobs.resolve_model(request.model, await self.readiness.ready_models())
         upload = await self._prepare_upload(image, mask, request.size, limits)
+        jobs.refuse_unaffordable_size(limits, upload.image.size, self.settings.request_timeout)
         job = jobs.build_job(request, limits, request_id, request.prompt, request.negative_prompt, upload.image.size)
         return await self._serve(jobs.with_upload(job, mode, strength, upload, limits), request, base_url, "image_edit")
 
@@ -123,6 +124,7 @@ class ImageServing:
             raise jobs.refuse_streamed_variation()
         limits = jobs.resolve_model(request.model, await self.readiness.ready_models())
         upload = await self._prepare_upload(image, None, request.size, limits)
+        jobs.refuse_unaffordable_size(limits, upload.image.size, self.settings.request_timeout)
         job = jobs.build_job(request, limits, request_id, jobs.VARIATION_PROMPT, None, upload.image.size)
         strength = request.strength or jobs.VARIATION_STRENGTH
         return await self._serve(jobs.with_upload(job, "image-to-image", strength, upload, limits), request, base_url, "")
@@ -130,6 +132,7 @@ class ImageServing:
     async def _generation_job(self, request: ImageGenerationRequest, request_id: str) -> GenerationJob:
         limits = jobs.resolve_model(request.model, await self.readiness.ready_models())
         size = jobs.resolve_size(limits, request.size)
+        jobs.refuse_unaffordable_size(limits, size, self.settings.request_timeout)
         return jobs.build_job(request, limits, request_id, request.prompt, request.negative_prompt, size)
 
     async def _serve(self, job: GenerationJob, request: ImageRequestOptions, base_url: str, prefix: str) -> Served:

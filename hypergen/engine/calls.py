@@ -201,6 +201,8 @@ class BatchRunner:
             result.encode_s += encode_s * len(job_images) / len(call.images)
             result.batch_images = max(result.batch_images, len(call.images))
         observe_call(first.mode, len(call.images), len(call.job_indices), generation_s, encode_s)
+        if first.is_warm_up and len(call.images) == 1:  # a warm-up call is one step at the native size
+            self.models.record_step(first.model, generation_s / first.num_inference_steps)
         logger.log(
             logging.DEBUG if first.is_warm_up else logging.INFO,
             "pipeline call: %d images for %d requests, %dx%d, %d steps, %.3fs generation, %.3fs encoding",

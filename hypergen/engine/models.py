@@ -82,13 +82,19 @@ class ServedModels:
         budget = int(settings.memory_budget_mb * MB) if settings.memory_budget_mb else None
         self.residency = ModelResidency(budget, move=self._move, on_move=_count_move)
         self.error: str | None = None
+        self._step_seconds: dict[str, float] = {}  # model → fastest native one-step warm-up call
+
+    def record_step(self, name: str, seconds: float) -> None:
+        """A one-image, one-step call at the model's native size took `seconds`."""
+        self._step_seconds[name] = min(seconds, self._step_seconds.get(name, seconds))
 
     @property
     def ready(self) -> bool:
         return self.default_loras is not None
 
     def limits(self) -> list[ModelLimits]:
-        return [model_limits(self.default)] + [model_limits(extra) for extra, _ in self._extra.values()]
+        loaded = [self.default] + [extra for extra, _ in self._extra.values()]
+        return [model_limits(model).model_copy(update={"native_step_s": self._step_seconds.get(model.name)}) for model in loaded]
 
     def get(self, name: str) -> tuple[Any, LoraManager]:
         """The loaded pipeline and adapters of a served model (the API only sends known names)."""

@@ -7,7 +7,7 @@ import openai
 import pytest
 from PIL import Image
 
-from hypergen.protocol import GenerationResult, LoraReply, ModelLimits, WorkerStatus
+from hypergen.protocol import GenerationJob, GenerationResult, LoraReply, ModelLimits, WorkerStatus
 
 from .conftest import EngineClient, failing_pipeline, http, openai_client, run
 
@@ -402,3 +402,29 @@ def test_metrics_are_served_by_the_app_and_may_need_a_key(make_app):
     assert public.status_code == 200 and "hypergen_requests_total" in public.text
     assert "img_0123456789abcdef" not in public.text  # labelled by route template, never the raw path
     assert anonymous.status_code == 401 and keyed.status_code == 200
+
+
+def test_sizes_whose_one_step_outlasts_the_timeout_are_refused_by_the_measured_cost(make_app, engine):
+    engine.run_batch([GenerationJob.warm_up(engine.status().models[0], 0)])  # as the pool's warm-up does
+    measured = engine.status().models[0].native_step_s
+    assert measured and measured > 0
+
+    class SlowModel(ScriptedWorker):
+        async def status(self):  # one native step takes 1 s; the request timeout is 3 s
+            return WorkerStatus(ready=True, models=[TINY.model_copy(update={"native_step_s": 1.0, "max_side": 256})])
+
+    worker = SlowModel()
+    worker.release.set()
+    app = make_app(worker, request_timeout=3)
+
+    async def scenario():
+        async with http(app) as client:
+            big = await client.post("/v1/images/generations", json={"prompt": "a", "size": "256x256"})
+            hint = big.json()["error"]["message"].split("fits is '")[1].split("'")[0]
+            fits = await client.post("/v1/images/generations", json={"prompt": "a", "size": hint})
+            return big, fits
+
+    big, fits = run(scenario())
+    assert big.status_code == 400 and big.json()["error"]["param"] == "size"
+    assert "the largest square size that fits is '88x88'" in big.json()["error"]["message"]
+    assert fits.status_code == 200
