@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import shutil
@@ -109,30 +110,50 @@ def default_model_name(source: str | None) -> str:
 def import_model(source: str | None, name: str, settings: Settings) -> str:
     """Copy a diffusers model directory (or the embedded default, or a Hub snapshot) into the
     BentoML model store; returns the tag (`name:version`)."""
-    import bentoml
-
     directory = resolve_model_directory(source, settings)
     metadata = {"source": source or "embedded-default", "format": "diffusers"}
-    with bentoml.models.create(name, labels={"framework": "diffusers"}, metadata=metadata) as model:
-        shutil.copytree(directory, model.path, dirs_exist_ok=True)
-    logger.info("imported %s as BentoML model %s", directory, model.tag)
-    return str(model.tag)
+    return store_once(name, directory, {"framework": "diffusers"}, metadata)
 
 
 def import_lora(spec: Any) -> str:
     """Copy a start-up adapter (a local file or directory) into the BentoML store; returns its tag."""
-    import bentoml
-
     source = Path(spec.source)
     if not source.exists():
         raise SystemExit(f"hypergen: LoRA '{spec.name}': {spec.source} does not exist (only local adapters can be built in)")
     metadata = {"source": spec.source, "format": "diffusers-lora", "scale": spec.scale}
-    with bentoml.models.create(f"hypergen-lora-{spec.name}", labels={"kind": "lora"}, metadata=metadata) as model:
+    return store_once(f"hypergen-lora-{spec.name}", source, {"kind": "lora"}, metadata)
+
+
+def content_digest(source: Path) -> str:
+    """sha256 over a file's or a directory's files (relative paths and bytes)."""
+    digest = hashlib.sha256()
+    for path in sorted(source.rglob("*")) if source.is_dir() else [source]:
+        if path.is_file():
+            digest.update(str(path.relative_to(source) if source.is_dir() else path.name).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def store_once(name: str, source: Path, labels: dict[str, str], metadata: dict[str, Any]) -> str:
+    """The tag of `source` copied into the BentoML model store as `name`: an existing version
+    with the same content is reused, so building again does not store the weights again."""
+    import bentoml
+
+    digest = content_digest(source)
+    try:
+        versions = bentoml.models.list(name)
+    except bentoml.exceptions.NotFound:
+        versions = []
+    for existing in versions:
+        if existing.info.metadata.get("content_sha256") == digest:
+            logger.info("%s is already in the BentoML store as %s", source, existing.tag)
+            return str(existing.tag)
+    with bentoml.models.create(name, labels=labels, metadata={**metadata, "content_sha256": digest}) as model:
         if source.is_dir():
             shutil.copytree(source, model.path, dirs_exist_ok=True)
         else:
             shutil.copy2(source, Path(model.path) / source.name)
-    logger.info("imported LoRA %s as BentoML model %s", spec.source, model.tag)
+    logger.info("imported %s as BentoML model %s", source, model.tag)
     return str(model.tag)
 
 
