@@ -26,9 +26,10 @@ def configure_logging(level: str = "INFO") -> None:
 QUIET_ACCESS_PATHS = ["/status", "/health", "/metrics", "/healthz", "/livez", "/readyz"]
 
 
-def access_logging() -> dict[str, Any]:
-    """`@bentoml.service(logging=...)`: access lines for real requests only."""
-    return {"access": {"enabled": True, "skip_paths": QUIET_ACCESS_PATHS}}
+def access_logging(service: str) -> dict[str, Any]:
+    """`@bentoml.service(logging=...)`: access lines for real requests only. The worker's are
+    all the API's own calls (each real request already has its API line and a pipeline-call line)."""
+    return {"access": {"enabled": service == "api", "skip_paths": QUIET_ACCESS_PATHS}}
 
 
 class _DropTorchvisionFallback(logging.Filter):

@@ -33,7 +33,7 @@ app = create_app(settings.max_body_bytes, settings.max_body_bytes_in_flight)
 
 
 @bentoml.service(
-    name="hypergen-worker", resources={"gpu": 1}, traffic=traffic(settings, "worker"), workers=1, logging=access_logging()
+    name="hypergen-worker", resources={"gpu": 1}, traffic=traffic(settings, "worker"), workers=1, logging=access_logging("worker")
 )
 class DiffusionWorker:
     """Owns the diffusers pipelines; the only process that imports torch."""
@@ -76,7 +76,7 @@ DIFFUSION_WORKERS = worker_copies(DiffusionWorker, settings)
 
 # BentoML's HTTP metrics label requests by raw path (file ids, probes): the app serves /metrics.
 @bentoml.service(
-    name="hypergen", traffic=traffic(settings, "api"), workers=1, logging=access_logging(), metrics={"enabled": False}
+    name="hypergen", traffic=traffic(settings, "api"), workers=1, logging=access_logging("api"), metrics={"enabled": False}
 )
 @bentoml.asgi_app(app, path="/")
 @depend_on_each(DIFFUSION_WORKERS)  # `worker`, `worker_2`, ...: a bentoml.depends each

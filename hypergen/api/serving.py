@@ -178,7 +178,11 @@ class ImageServing:
         async with aclosing(self._wait_for_turn(admission, request_id)) as updates:
             async for update in updates:
                 yield update
-        yield {"type": "started", "request_id": request_id, "total_steps": job.num_inference_steps}
+        try:
+            yield {"type": "started", "request_id": request_id, "total_steps": job.num_inference_steps}
+        except BaseException:  # the client left before its stream began: give the slot back
+            await admission.release()
+            raise
         events = self.dispatcher.stream(job, admission, deadline, request.partial_images or 0, progress=True)
         async with aclosing(openai_events(events, job, "image_generation")) as stream:
             async for event in stream:

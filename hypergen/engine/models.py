@@ -126,8 +126,9 @@ class ServedModels:
         self.default_loras = loras
         loaded = self.default
         logger.info(
-            "model '%s' ready on %s (%s) in %.2fs; native size %dx%d, default %d steps%s",
+            "model '%s' loaded from %s on %s (%s) in %.2fs; native size %dx%d, default %d steps%s",
             loaded.name,
+            loaded.source,
             loaded.device,
             str(loaded.dtype).replace("torch.", ""),
             loaded.load_seconds,
