@@ -189,7 +189,7 @@ class WorkerPool:
                 for call in range(self.warm_up_calls):
                     await worker.generate([GenerationJob.warm_up(status.models[0], call)])
             load.ready, load.detail = True, ""
-            logger.info("worker %s is back: %d run-time adapters replayed, batcher warmed", load.name, len(self._adapters))
+            logger.info("worker %s is ready: batcher warmed, %d run-time adapters replayed", load.name, len(self._adapters))
         except Exception as error:  # still not well: the next status check tries again
             logger.warning("worker %s could not catch up (%s)", load.name, type(error).__name__)
         finally:
