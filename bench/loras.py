@@ -53,10 +53,21 @@ def main(argv: list[str] | None = None) -> int:
         kind: {"p50_ms": percentile(values, 50), "p95_ms": percentile(values, 95), "mean_ms": statistics.mean(values)}
         for kind, values in timings.items()
     }
-    result = {"name": args.name, "date": time.strftime("%Y-%m-%d %H:%M"), "model": "tiny random SD", "repeats": args.repeats, "timings": summary}
+    result = {
+        "name": args.name,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "model": "tiny random SD",
+        "repeats": args.repeats,
+        "timings": summary,
+    }
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# LoRA timings `{args.name}` ({result['date']}, tiny random SD, {args.repeats} repeats)", "", "| operation | p50 | p95 |", "|---|---|---|"]
+    lines = [
+        f"# LoRA timings `{args.name}` ({result['date']}, tiny random SD, {args.repeats} repeats)",
+        "",
+        "| operation | p50 | p95 |",
+        "|---|---|---|",
+    ]
     lines += [f"| {kind} | {values['p50_ms']:.1f} ms | {values['p95_ms']:.1f} ms |" for kind, values in summary.items()]
     table = "\n".join(lines) + "\n"
     (args.results_dir / f"{args.name}.md").write_text(table)

@@ -151,7 +151,9 @@ def run_load(base_url: str, concurrency: int, requests: int, body: dict[str, Any
     }
 
 
-def bench_server(model_dir: str, max_batch_size: int, levels: list[int], requests: int, body: dict[str, Any], work: Path) -> list[dict[str, Any]]:
+def bench_server(
+    model_dir: str, max_batch_size: int, levels: list[int], requests: int, body: dict[str, Any], work: Path
+) -> list[dict[str, Any]]:
     from hypergen.testing import BentoServer
 
     env = {
@@ -196,9 +198,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"| queue wait (concurrency 1, idle) | p50 {result['overhead']['queue_wait_p50_ms']:.2f} ms · p99 {result['overhead']['queue_wait_p99_ms']:.2f} ms |",
     ]
     for output_format, encoding in result["encoding"].items():
-        lines.append(
-            f"| encode {output_format} | {encoding['ms_per_megapixel']:.1f} ms/MP ({encoding['ms_per_image']:.2f} ms per image) |"
-        )
+        lines.append(f"| encode {output_format} | {encoding['ms_per_megapixel']:.1f} ms/MP ({encoding['ms_per_image']:.2f} ms per image) |")
     lines.append(f"| encoding share of end-to-end (png, concurrency 1) | {result['encoding_share'] * 100:.2f} % |")
     return "\n".join(lines) + "\n"
 
@@ -245,7 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         "name": args.name,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "config": {"model": args.model or "tiny random SD (built from configs)", "size": args.size, "steps": args.steps, "max_batch_size": args.max_batch_size},
+        "config": {
+            "model": args.model or "tiny random SD (built from configs)",
+            "size": args.size,
+            "steps": args.steps,
+            "max_batch_size": args.max_batch_size,
+        },
         "bare": bare,
         "server": batched,
         "batching_gain": {

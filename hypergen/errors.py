@@ -70,9 +70,7 @@ def queue_full_error(max_queue: int, retry_after: int) -> OpenAIError:
 
 
 def not_ready_error(detail: str, retry_after: int = 5) -> OpenAIError:
-    return OpenAIError(
-        503, detail, type="server_error", code="not_ready", headers={"Retry-After": str(retry_after)}
-    )
+    return OpenAIError(503, detail, type="server_error", code="not_ready", headers={"Retry-After": str(retry_after)})
 
 
 def generation_failed(request_id: str) -> OpenAIError:

@@ -37,17 +37,11 @@ def metrics() -> SimpleNamespace:
 
     return SimpleNamespace(
         requests=Counter("hypergen_requests_total", "HTTP requests by route and status", ["route", "status"]),
-        request_seconds=Histogram(
-            "hypergen_request_seconds", "End-to-end latency of image requests", ["route"], buckets=LATENCY_BUCKETS
-        ),
+        request_seconds=Histogram("hypergen_request_seconds", "End-to-end latency of image requests", ["route"], buckets=LATENCY_BUCKETS),
         queue_depth=Gauge("hypergen_queue_depth", "Requests admitted and waiting", multiprocess_mode="livesum"),
         in_flight=Gauge("hypergen_in_flight", "Requests handed to the worker", multiprocess_mode="livesum"),
-        queue_wait_seconds=Histogram(
-            "hypergen_queue_wait_seconds", "Admission to the start of the pipeline call", buckets=LATENCY_BUCKETS
-        ),
-        generation_seconds=Histogram(
-            "hypergen_generation_seconds", "Duration of pipeline calls", ["mode"], buckets=LATENCY_BUCKETS
-        ),
+        queue_wait_seconds=Histogram("hypergen_queue_wait_seconds", "Admission to the start of the pipeline call", buckets=LATENCY_BUCKETS),
+        generation_seconds=Histogram("hypergen_generation_seconds", "Duration of pipeline calls", ["mode"], buckets=LATENCY_BUCKETS),
         encode_seconds=Histogram("hypergen_encode_seconds", "Image encoding per pipeline call", buckets=LATENCY_BUCKETS),
         batch_images=Histogram("hypergen_batch_images", "Images per pipeline call", buckets=BATCH_BUCKETS),
         batch_requests=Histogram("hypergen_batch_requests", "Requests per pipeline call", buckets=BATCH_BUCKETS),

@@ -66,9 +66,7 @@ class ImageRequestOptions(BaseModel):
     quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = Field(
         default=None, description="OpenAI's field: accepted and ignored."
     )
-    background: Literal["transparent", "opaque", "auto"] | None = Field(
-        default=None, description="OpenAI's field: accepted and ignored."
-    )
+    background: Literal["transparent", "opaque", "auto"] | None = Field(default=None, description="OpenAI's field: accepted and ignored.")
     moderation: Literal["low", "auto"] | None = Field(default=None, description="OpenAI's field: accepted and ignored.")
     stream: bool | None = Field(default=False, description="Server-Sent Events with partial images.")
     partial_images: int | None = Field(default=None, ge=0, le=3, description="Partial images per image when streaming.")
@@ -175,9 +173,7 @@ class ImagesResponse(BaseModel):
     created: int = Field(description="Unix time.")
     data: list[ImageData] = Field(description="One entry per image.")
     output_format: OutputFormat | None = Field(default=None, description="Encoding of the images.")
-    size: Literal["1024x1024", "1024x1536", "1536x1024"] | None = Field(
-        default=None, description="Only when it is one of OpenAI's sizes."
-    )
+    size: Literal["1024x1024", "1024x1536", "1536x1024"] | None = Field(default=None, description="Only when it is one of OpenAI's sizes.")
 
 
 class ModelCard(BaseModel):

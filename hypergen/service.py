@@ -75,9 +75,7 @@ DIFFUSION_WORKERS = worker_copies(DiffusionWorker, settings)
 
 
 # BentoML's HTTP metrics label requests by raw path (file ids, probes): the app serves /metrics.
-@bentoml.service(
-    name="hypergen", traffic=traffic(settings, "api"), workers=1, logging=access_logging("api"), metrics={"enabled": False}
-)
+@bentoml.service(name="hypergen", traffic=traffic(settings, "api"), workers=1, logging=access_logging("api"), metrics={"enabled": False})
 @bentoml.asgi_app(app, path="/")
 @depend_on_each(DIFFUSION_WORKERS)  # `worker`, `worker_2`, ...: a bentoml.depends each
 class ImageAPI:

@@ -397,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"held-out round trip: mean absolute error {round_trip:.2f}/255")
 
     unet = build_unet(text_encoder.config.hidden_size)
-    log(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters; text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M")
+    log(
+        f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters; text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M"
+    )
     ema = train_diffusion(unet, text_encoder, tokenizer, scale, args.steps, args.batch, rng, log)
 
     # Pick the raw or the averaged weights on validation pairs (not the held-out benchmark set).

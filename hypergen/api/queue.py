@@ -18,9 +18,7 @@ class QueueFull(Exception):
 
 
 class AdmissionQueue:
-    def __init__(
-        self, max_waiting: int, max_in_flight: int, on_change: Callable[[int, int], None] | None = None
-    ) -> None:
+    def __init__(self, max_waiting: int, max_in_flight: int, on_change: Callable[[int, int], None] | None = None) -> None:
         """`on_change(depth, in_flight)` is called after every change (for metrics)."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")

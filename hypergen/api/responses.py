@@ -50,9 +50,7 @@ async def images_response(
     if response_format == "b64_json":
         data = [ImageData(b64_json=image) for image in result.images_b64]
     else:
-        file_ids = await run_in_threadpool(
-            lambda: [store.put(base64.b64decode(image), job.output_format) for image in result.images_b64]
-        )
+        file_ids = await run_in_threadpool(lambda: [store.put(base64.b64decode(image), job.output_format) for image in result.images_b64])
         data = [ImageData(url=f"{base_url.rstrip('/')}/v1/images/files/{file_id}") for file_id in file_ids]
     return ImagesResponse(created=int(time.time()), data=data, output_format=job.output_format, size=openai_size(job))
 

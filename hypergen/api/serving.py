@@ -210,4 +210,3 @@ class ImageServing:
             elif not entering.cancelled() and entering.exception() is None:
                 await admission.release()
             raise
-

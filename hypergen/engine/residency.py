@@ -77,9 +77,18 @@ class ModelResidency:
             model.on_device = False
             model.offloads += 1
             self._on_move(name, False)
-            logger.info("model '%s' offloaded to host memory (%.1f MB) to stay within the %.1f MB budget", name, model.size_bytes / MB, self.budget_bytes / MB)
+            logger.info(
+                "model '%s' offloaded to host memory (%.1f MB) to stay within the %.1f MB budget",
+                name,
+                model.size_bytes / MB,
+                self.budget_bytes / MB,
+            )
         if self.device_bytes > self.budget_bytes:
-            logger.warning("models on the device use %.1f MB, over the %.1f MB budget (the model in use cannot leave)", self.device_bytes / MB, self.budget_bytes / MB)
+            logger.warning(
+                "models on the device use %.1f MB, over the %.1f MB budget (the model in use cannot leave)",
+                self.device_bytes / MB,
+                self.budget_bytes / MB,
+            )
 
     def snapshot(self) -> dict[str, Any]:
         """For `/health`: the budget, what is on the device, and each model's moves.
@@ -91,7 +100,12 @@ class ModelResidency:
             "budget_mb": None if self.budget_bytes is None else round(self.budget_bytes / MB, 2),
             "device_mb": round(sum(model.size_bytes for _, model in models if model.on_device) / MB, 2),
             "models": {
-                name: {"on_device": model.on_device, "mb": round(model.size_bytes / MB, 2), "offloads": model.offloads, "reloads": model.reloads}
+                name: {
+                    "on_device": model.on_device,
+                    "mb": round(model.size_bytes / MB, 2),
+                    "offloads": model.offloads,
+                    "reloads": model.reloads,
+                }
                 for name, model in models
             },
             "offloaded": [name for name, model in models if not model.on_device],

@@ -23,7 +23,6 @@ logger = logging.getLogger("hypergen.testing")
 PIXEL_VAE_DIR = Path(__file__).resolve().parent.parent / "assets" / "pixel-vae"
 
 
-
 def write_char_tokenizer_files(directory: Path) -> int:
     """A character-level CLIP vocabulary (no package ships one offline). Returns its size."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -89,9 +88,7 @@ def tiny_vae() -> Any:
 def _scheduler() -> Any:
     from diffusers import EulerDiscreteScheduler
 
-    return EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-    )
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
 
 def _tiny_unet(**architecture: Any) -> Any:
@@ -204,5 +201,3 @@ def save_tiny_pipeline(directory: str | os.PathLike[str], kind: str = "sd", seed
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-

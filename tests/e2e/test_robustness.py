@@ -84,9 +84,7 @@ def test_a_burst_of_twice_the_queue_gets_200_or_503_and_every_image_is_its_own(f
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
-            return await asyncio.wait_for(
-                asyncio.gather(*(client.post(url, json=body(seed)) for seed in range(2 * MAX_QUEUE + 8))), 300
-            )
+            return await asyncio.wait_for(asyncio.gather(*(client.post(url, json=body(seed)) for seed in range(2 * MAX_QUEUE + 8))), 300)
 
     responses = asyncio.run(burst())
     codes = [response.status_code for response in responses]

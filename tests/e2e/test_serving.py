@@ -17,6 +17,7 @@ from .conftest import URL_TTL_S
 
 pytestmark = pytest.mark.e2e
 
+
 def decode(b64: str) -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(b64)))
     image.load()
@@ -104,7 +105,14 @@ def test_bad_input_raises_bad_request_naming_the_field(client, default_server):
         client.images.generate(prompt="a", model="no-such-model")
     unknown = httpx.post(f"{default_server.base_url}/v1/nothing/here", json={})
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
-    ok = client.images.generate(prompt="a", size="64x64", quality="high", style="vivid", user="me", extra_body={"num_inference_steps": 2, "background": "opaque", "moderation": "low"})
+    ok = client.images.generate(
+        prompt="a",
+        size="64x64",
+        quality="high",
+        style="vivid",
+        user="me",
+        extra_body={"num_inference_steps": 2, "background": "opaque", "moderation": "low"},
+    )
     assert len(ok.data) == 1
 
 
@@ -116,8 +124,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_images(default_se
             "prompt": f"shape {index}",
             "size": "64x64" if index % 3 else "128x64",
             "n": 1 + index % 2,
-            "extra_body": {"seed": 100 + index, "num_inference_steps": 8}
-            | ({"negative_prompt": f"not {index}"} if index % 4 == 1 else {}),
+            "extra_body": {"seed": 100 + index, "num_inference_steps": 8} | ({"negative_prompt": f"not {index}"} if index % 4 == 1 else {}),
         }
         for index in range(8)
     ]

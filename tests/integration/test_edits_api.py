@@ -46,7 +46,9 @@ def test_edit_without_mask_keeps_the_layout_at_low_strength(client):
     def edit(strength):
         response = run(
             client.images.edit(
-                image=("scene.png", png(scene()), "image/png"), prompt="a green circle", response_format="b64_json",
+                image=("scene.png", png(scene()), "image/png"),
+                prompt="a green circle",
+                response_format="b64_json",
                 extra_body={"strength": strength, "num_inference_steps": 10, "seed": 3},
             )  # fmt: skip
         )
@@ -65,8 +67,12 @@ def test_edit_with_mask_changes_only_the_transparent_area(client):
     source = np.asarray(scene(), dtype=np.int16)
     response = run(
         client.images.edit(
-            image=("scene.png", png(scene()), "image/png"), mask=("mask.png", png(right_half_mask()), "image/png"),
-            prompt="stars", n=2, response_format="b64_json", extra_body={"num_inference_steps": 6, "seed": 1},
+            image=("scene.png", png(scene()), "image/png"),
+            mask=("mask.png", png(right_half_mask()), "image/png"),
+            prompt="stars",
+            n=2,
+            response_format="b64_json",
+            extra_body={"num_inference_steps": 6, "seed": 1},
         )  # fmt: skip
     )
     assert len(response.data) == 2
@@ -81,7 +87,10 @@ def test_variations_return_n_images_of_the_requested_size_and_respect_seeds(clie
     def vary(seed, n=2, size="64x64"):
         return run(
             client.images.create_variation(
-                image=("scene.png", png(scene((96, 80))), "image/png"), n=n, size=size, response_format="b64_json",
+                image=("scene.png", png(scene((96, 80))), "image/png"),
+                n=n,
+                size=size,
+                response_format="b64_json",
                 extra_body={"seed": seed, "num_inference_steps": 5},
             )  # fmt: skip
         )
@@ -91,7 +100,9 @@ def test_variations_return_n_images_of_the_requested_size_and_respect_seeds(clie
     assert all(np.array_equal(decode(a), decode(b)) for a, b in zip(first.data, again.data))
     assert np.abs(decode(first.data[0]) - decode(first.data[1])).mean() > 1
     kept_size = run(
-        client.images.create_variation(image=("s.png", png(scene((96, 80))), "image/png"), response_format="b64_json", extra_body={"num_inference_steps": 2})
+        client.images.create_variation(
+            image=("s.png", png(scene((96, 80))), "image/png"), response_format="b64_json", extra_body={"num_inference_steps": 2}
+        )
     )
     assert decode(kept_size.data[0]).shape == (80, 96, 3)  # no size: the input's, rounded to 8
 
@@ -108,7 +119,11 @@ def huge_png() -> bytes:
         ({"image": ("x.gif", png(scene(), "GIF"), "image/gif")}, "image", "GIF"),
         ({"image": ("x.png", huge_png(), "image/png")}, "image", "pixels"),
         ({"image": ("x.png", png(scene()), "image/png"), "mask": ("m.jpg", png(scene(), "JPEG"), "image/jpeg")}, "mask", "alpha"),
-        ({"image": ("x.png", png(scene()), "image/png"), "mask": ("m.png", png(right_half_mask((32, 32))), "image/png")}, "mask", "must match"),
+        (
+            {"image": ("x.png", png(scene()), "image/png"), "mask": ("m.png", png(right_half_mask((32, 32))), "image/png")},
+            "mask",
+            "must match",
+        ),
         ({"n": (None, "1")}, "image", "Missing required parameter"),
     ],
 )

@@ -210,7 +210,10 @@ def test_a_failing_generation_is_500_for_that_request_only(make_app, engine, cap
             good = client.post("/v1/images/generations", json={"prompt": "fine", "num_inference_steps": 2})
             return await asyncio.gather(bad, good)
 
-    with failing_pipeline(engine, "explode", RuntimeError("CUDA out of memory (simulated)")), caplog.at_level(logging.INFO, logger="hypergen"):
+    with (
+        failing_pipeline(engine, "explode", RuntimeError("CUDA out of memory (simulated)")),
+        caplog.at_level(logging.INFO, logger="hypergen"),
+    ):
         bad, good = run(scenario())
     assert bad.status_code == 500
     error = bad.json()["error"]
@@ -302,7 +305,10 @@ def test_output_format_and_compression_follow_openai(make_app, engine):
         return response, base64.b64decode(response.data[0].b64_json)
 
     async def scenario():
-        return [await generate(output_format=fmt, output_compression=quality) for fmt, quality in (("jpeg", 95), ("jpeg", 10), ("webp", 80), ("png", 100))]
+        return [
+            await generate(output_format=fmt, output_compression=quality)
+            for fmt, quality in (("jpeg", 95), ("jpeg", 10), ("webp", 80), ("png", 100))
+        ]
 
     (jpeg, best), (_, worst), (webp, webp_bytes), (png_response, png_bytes) = run(scenario())
     assert Image.open(io.BytesIO(best)).format == "JPEG" and jpeg.output_format == "jpeg"

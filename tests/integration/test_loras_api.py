@@ -76,7 +76,12 @@ def test_start_up_adapters_change_the_image_and_scale_zero_is_the_base(lora_engi
 
 def test_one_batch_gives_each_request_its_own_adapter(lora_engine, lora_dirs):
     allowed, _ = lora_dirs
-    jobs = [job("a", lora="style", seed=4), job("b", lora=str(allowed / "ink"), seed=4), job("c", seed=4), job("d", lora="style", scale=1.2, seed=4)]
+    jobs = [
+        job("a", lora="style", seed=4),
+        job("b", lora=str(allowed / "ink"), seed=4),
+        job("c", seed=4),
+        job("d", lora="style", scale=1.2, seed=4),
+    ]
     together = lora_engine.run_batch(jobs)
     alone = [lora_engine.run_batch([single])[0] for single in jobs]
     images = [pixels(result.images_b64[0]) for result in together]
@@ -107,10 +112,14 @@ def test_admin_api_loads_lists_and_unloads_without_a_restart(app, lora_engine):
             duplicate = await client.post("/v1/loras", json={"name": "glow", "path": "neon"})
             escape = await client.post("/v1/loras", json={"name": "x", "path": "../outside"})
             bad_name = await client.post("/v1/loras", json={"name": "no spaces", "path": "neon"})
-            generated = await client.post("/v1/images/generations", json={"prompt": "a shape", "lora_path": "glow", "seed": 7, "num_inference_steps": 3})
+            generated = await client.post(
+                "/v1/images/generations", json={"prompt": "a shape", "lora_path": "glow", "seed": 7, "num_inference_steps": 3}
+            )
             deleted = await client.delete("/v1/loras/glow")
             again = await client.delete("/v1/loras/glow")
-            after = await client.post("/v1/images/generations", json={"prompt": "a shape", "lora_path": "glow", "seed": 7, "num_inference_steps": 3})
+            after = await client.post(
+                "/v1/images/generations", json={"prompt": "a shape", "lora_path": "glow", "seed": 7, "num_inference_steps": 3}
+            )
             return loaded, listed, duplicate, escape, bad_name, generated, deleted, again, after
 
     loaded, listed, duplicate, escape, bad_name, generated, deleted, again, after = run(scenario())

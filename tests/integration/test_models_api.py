@@ -34,9 +34,13 @@ def test_models_are_listed_and_picked_by_the_model_field(two_models, make_app):
         listed = await client.models.list()
         images = {}
         for model in ("sd", "xl"):
-            response = await client.images.generate(model=model, prompt="a", size="64x64", response_format="b64_json", extra_body={"seed": 1, "num_inference_steps": 2})
+            response = await client.images.generate(
+                model=model, prompt="a", size="64x64", response_format="b64_json", extra_body={"seed": 1, "num_inference_steps": 2}
+            )
             images[model] = pixels(response.data[0].b64_json)
-        default = await client.images.generate(prompt="a", size="64x64", response_format="b64_json", extra_body={"seed": 1, "num_inference_steps": 2})
+        default = await client.images.generate(
+            prompt="a", size="64x64", response_format="b64_json", extra_body={"seed": 1, "num_inference_steps": 2}
+        )
         with pytest.raises(openai.NotFoundError):
             await client.images.generate(model="nope", prompt="a")
         return listed, images, pixels(default.data[0].b64_json)
@@ -50,8 +54,17 @@ def test_models_are_listed_and_picked_by_the_model_field(two_models, make_app):
 def test_a_batch_never_mixes_models(two_models):
     _, engine = two_models
     jobs = [
-        GenerationJob(request_id=str(index), model=model, prompt="a", width=64, height=64, num_inference_steps=2,
-                      guidance_scale=7.5, seeds=[3], admitted_at=time.time())  # fmt: skip
+        GenerationJob(
+            request_id=str(index),
+            model=model,
+            prompt="a",
+            width=64,
+            height=64,
+            num_inference_steps=2,
+            guidance_scale=7.5,
+            seeds=[3],
+            admitted_at=time.time(),
+        )  # fmt: skip
         for index, model in enumerate(["sd", "xl", "sd"])
     ]
     together = engine.run_batch(jobs)

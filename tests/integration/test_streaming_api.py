@@ -67,7 +67,12 @@ def test_n_images_stream_with_their_index_and_edits_use_edit_events(make_app, en
     events = [json.loads(line[6:]) for line in generated.text.splitlines() if line.startswith("data: ")]
     kinds = [(event["type"], event["image_index"]) for event in events]
     assert sorted(kinds) == sorted(
-        [("image_generation.partial_image", 0), ("image_generation.partial_image", 1), ("image_generation.completed", 0), ("image_generation.completed", 1)]
+        [
+            ("image_generation.partial_image", 0),
+            ("image_generation.partial_image", 1),
+            ("image_generation.completed", 0),
+            ("image_generation.completed", 1),
+        ]
     )
     edit_types = [json.loads(line[6:])["type"] for line in edited.text.splitlines() if line.startswith("data: ")]
     assert edit_types == ["image_edit.partial_image", "image_edit.completed"]
@@ -93,6 +98,7 @@ def test_abandoned_streams_are_dropped_or_interrupted_and_free_their_slot(make_a
 
     async def scenario():
         async with http(app) as client:
+
             async def abandon():
                 async with client.stream(
                     "POST", "/v1/images/generations",
@@ -105,9 +111,7 @@ def test_abandoned_streams_are_dropped_or_interrupted_and_free_their_slot(make_a
             await asyncio.wait_for(abandon(), 120)
             await asyncio.sleep(0.1)
             in_flight_after = serving.queue.in_flight
-            follow = await asyncio.wait_for(
-                client.post("/v1/images/generations", json={"prompt": "next", "num_inference_steps": 2}), 120
-            )
+            follow = await asyncio.wait_for(client.post("/v1/images/generations", json={"prompt": "next", "num_inference_steps": 2}), 120)
             return in_flight_after, follow
 
     in_flight_after, follow = run(scenario())
@@ -146,7 +150,11 @@ def test_websocket_sends_queue_state_monotonic_progress_partials_and_the_result(
     steps = [event["step"] for event in events if event["type"] == "progress"]
     assert steps == sorted(steps) and steps[-1] == events[1]["total_steps"] == 6
     assert kinds.count("image_generation.partial_image") == 2
-    plain = run(openai_client(app).images.generate(prompt="a star", size="64x64", response_format="b64_json", extra_body={"seed": 5, "num_inference_steps": 6}))
+    plain = run(
+        openai_client(app).images.generate(
+            prompt="a star", size="64x64", response_format="b64_json", extra_body={"seed": 5, "num_inference_steps": 6}
+        )
+    )
     assert events[-1]["b64_json"] == plain.data[0].b64_json
 
 

@@ -9,7 +9,16 @@ def test_auth_off_without_keys():
     assert ApiKeyAuth([]).check(None) is None
 
 
-@pytest.mark.parametrize("header, code", [(None, "missing_api_key"), ("Bearer", "missing_api_key"), ("Basic k1", "missing_api_key"), ("Bearer nope", "invalid_api_key"), ("Bearer k1x", "invalid_api_key")])
+@pytest.mark.parametrize(
+    "header, code",
+    [
+        (None, "missing_api_key"),
+        ("Bearer", "missing_api_key"),
+        ("Basic k1", "missing_api_key"),
+        ("Bearer nope", "invalid_api_key"),
+        ("Bearer k1x", "invalid_api_key"),
+    ],
+)
 def test_wrong_or_missing_keys_are_401_without_echoing_the_key(header, code):
     with pytest.raises(OpenAIError) as caught:
         ApiKeyAuth(["k1", "k2"]).check(header)
