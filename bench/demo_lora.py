@@ -6,9 +6,9 @@ Loads `hypergen/assets/demo-model` and its adapter `hypergen/assets/demo-lora` t
 server does (`load_text_to_image`, then `LoraManager`, which uses diffusers' `load_lora_weights`
 and `set_adapters`), draws held-out (prompt, seed) pairs — the same set `bench.demo_quality`
 scores — with the adapter at scale 1.0 and 0.5 and without it, at the model's recommended
-settings, and reads each picture back with `training.shapes.judge_fill` (outline or filled;
-the shape from its silhouette) and `judge` (shape colour, background). First it checks the
-judge itself on pictures `training.shapes.draw` makes, outlined and filled.
+settings, and reads each picture back with `training.shapes.judge_fill` (outline, closed
+outline or filled; the shape from its silhouette) and `judge` (shape colour, background). First
+it checks the judge itself on pictures `training.shapes.draw` makes, outlined and filled.
 Writes bench/results/<name>.json and .md.
 """
 
@@ -33,7 +33,7 @@ def judge_check(count: int) -> dict[str, float]:
         for _ in range(count):
             scene = random_scene(rng)
             verdict = judge_fill(draw(scene, rng, outline=fill == "outline"))
-            right[fill] += verdict.fill == fill and verdict.shape == scene.shape
+            right[fill] += (verdict.fill, verdict.closed, verdict.shape) == (fill, fill == "outline", scene.shape)
     return {fill: value / count for fill, value in right.items()}
 
 
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from hypergen.config import EMBEDDED_LORA_DIR, EMBEDDED_LORA_NAME
-    from hypergen.loras import LoraManager
-    from hypergen.pipelines import DEMO_MODEL_DIR, load_text_to_image
+    from hypergen.engine.loras import LoraManager
+    from hypergen.engine.pipelines import DEMO_MODEL_DIR, load_text_to_image
     from training.demo_lora import judge_outlines
     from training.shapes import held_out_scenes
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     for scale in [*(float(value) for value in args.scales.split(",")), None]:
         adapters.activate(adapter if scale is not None else None, scale)
         started = time.perf_counter()
-        scores = judge_outlines(loaded.pipe, pairs, steps, guidance)
+        scores = {key: round(value, 4) for key, value in judge_outlines(loaded.pipe, pairs, steps, guidance).items()}
         rows.append({"adapter": EMBEDDED_LORA_NAME if scale is not None else None, "scale": scale, **scores,
                      "seconds": round(time.perf_counter() - started, 1)})  # fmt: skip
         print(rows[-1], flush=True)
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         "adapter": str(EMBEDDED_LORA_DIR.relative_to(root)),
         "adapter_bytes": adapter.size_bytes,
         "adapter_load_ms": round(adapter.load_seconds * 1000, 1),
-        "training": training_note.read_text().strip() if training_note.is_file() else None,
+        # Its first line: the command and the minutes it took.
+        "training": training_note.read_text().splitlines()[0] if training_note.is_file() else None,
         "pairs": args.pairs,
         "steps": steps,
         "guidance": guidance,
@@ -89,20 +90,30 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Demo LoRA `{EMBEDDED_LORA_NAME}` ({args.pairs} held-out prompt/seed pairs, {steps} steps, guidance {guidance})",
         "",
-        f"Adapter: `{result['adapter']}`, {adapter.size_bytes / 1e3:.0f} kB, loaded in {result['adapter_load_ms']} ms. "
-        f"Judged by `training.shapes.judge_fill` (outline or filled; shape from the silhouette) and `judge` "
-        f"(colours), which read 200 drawn outlined pictures right {drawn['outline']:.0%} and 200 filled ones "
-        f"{drawn['filled']:.0%}.",
+        (
+            f"Adapter: `{result['adapter']}`, {adapter.size_bytes / 1e3:.0f} kB, loaded in {result['adapter_load_ms']} ms. "
+            f"Judged by `training.shapes.judge_fill` (fill; shape from the silhouette) and `judge` "
+            f"(colours), which read 200 drawn outlined pictures right {drawn['outline']:.0%} and 200 filled ones "
+            f"{drawn['filled']:.0%}."
+        ),
         "",
-        "| adapter | scale | outline | shape colour | background | shape | time for all pairs |",
-        "|---|---|---|---|---|---|---|",
+        "| adapter | scale | outline | (circles / squares / triangles) | closed outline | filled | shape colour "
+        "| background | shape | time for all pairs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *(
             f"| {row['adapter'] or 'none'} | {'' if row['scale'] is None else row['scale']} | {row['outline']:.0%} "
-            f"| {row['colour']:.0%} | {row['background']:.0%} | {row['shape']:.0%} | {row['seconds']} s |"
+            f"| {row['outline_circle']:.0%} / {row['outline_square']:.0%} / {row['outline_triangle']:.0%} "
+            f"| {row['closed']:.0%} | {row['filled']:.0%} | {row['colour']:.0%} | {row['background']:.0%} "
+            f"| {row['shape']:.0%} | {row['seconds']} s |"
             for row in rows
         ),
         "",
-        *([f"Training: {result['training']}", ""] if result["training"] else []),
+        "Outline: the middle of the shape shows the background and the shape surrounds it (16 rays from "
+        "its centre, 12 must meet it); closed outline: it encloses background with no gap wider than "
+        "about two pixels; filled: its middle has its colour. Neither outline nor filled: broken or "
+        "wide-open shapes.",
+        "",
+        *([result["training"], ""] if result["training"] else []),
     ]
     (args.results_dir / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))

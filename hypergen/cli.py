@@ -126,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--name", help="BentoML model name (default: derived from MODEL)")
         command.set_defaults(handler=handler)
         if name == "build":
-            command.add_argument("--lora", action="append", help="NAME=PATH[:SCALE] carried in the Bento; repeatable")
+            command.add_argument(
+                "--lora",
+                action="append",
+                help="NAME=PATH[:SCALE] carried in the Bento; repeatable (without MODEL: the demo model's outline adapter)",
+            )
             command.add_argument("--bentofile", help="build with this bentofile instead of the project's (e.g. one adding wheels)")
     return parser
 

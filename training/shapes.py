@@ -1,7 +1,8 @@
 """The synthetic world HyperGen's demo model draws, and the judge that scores its pictures.
 
 A picture is one flat shape (circle, square or triangle) in a named colour on a background of
-another named colour, 64×64, described by prompts such as "a red circle on a blue background".
+another named colour, 64×64, described by prompts such as "a red circle on a blue background";
+`draw(..., outline=True)` draws the shape hollow, and `judge_fill` tells hollow from filled.
 Training draws pictures on the fly from a seeded generator; the judge reads a picture back into
 (shape colour, background colour, shape) with nothing but the palette and the mask's geometry,
 so `bench.demo_quality` and the tests score generated images the same way.
@@ -34,7 +35,7 @@ SIZE = 64
 # a circle's or square's width, 12 % of a triangle's (whose middle is smaller), 3–8 pixels. The
 # demo model's 4× autoencoder (a latent pixel is 4×4 pixels) turns thinner strokes into blends of
 # the two colours: decoding encoded outlines kept the shape's colour 73 % of the time at 0.35,
-# 86 % at 0.4, and the judge saw 93 % of them as outlines at 0.4.
+# 86 % at 0.4 (where `judge_fill` read 96 % of them as outlines).
 OUTLINE_STROKE = 0.4
 
 # Words the tokenizer knows beyond the world's own; they carry no meaning and training scatters
@@ -107,8 +108,8 @@ def draw(scene: Scene, rng: random.Random, size: int = SIZE, outline: bool = Fal
     learns shapes far faster when they do not wander); 4× supersampled so edges are smooth.
 
     `outline=True` draws the same shape (same size and place for the same `rng` state) hollow:
-    a stroke `OUTLINE_STROKE` of its size wide in the shape's colour around the background colour
-    (the look the demo LoRA, `training.demo_lora`, teaches)."""
+    a stroke in the shape's colour, `OUTLINE_STROKE` of its inradius wide, around the background
+    colour (the look the demo LoRA, `training.demo_lora`, teaches)."""
     scale = 4
     big = size * scale
     half = rng.uniform(0.20, 0.32) * big
@@ -197,39 +198,71 @@ def shape_of(mask: np.ndarray) -> str | None:
     return "square" if box.mean() > 0.88 else "circle"
 
 
-
 @dataclass(frozen=True)
 class FillVerdict:
-    """How the shape is drawn: `fill` is "outline" (hollow) or "filled", None when there is no
-    shape; `shape` is read from its silhouette (the shape together with what it encloses), so a
-    ring reads as a circle."""
+    """How the shape is drawn.
+
+    `fill`: "outline" when its middle shows the background and the shape surrounds that middle;
+    "filled" when its middle has the shape's colour (or any colour but the background's); "open"
+    when its middle shows the background but the shape does not surround it (broken pieces, a
+    wide-open "U"); None when there is no shape. `closed`: the stricter reading of an outline,
+    the shape encloses background with no gap wider than about two pixels. `shape` is read from
+    the silhouette (the shape with what it encloses), so a ring reads as a circle.
+    """
 
     fill: str | None
+    closed: bool
     shape: str | None
 
 
 def judge_fill(image: Image.Image) -> FillVerdict:
-    """Whether the shape `judge` finds is an outline or filled.
+    """Whether the shape `judge` finds is an outline or filled, from its middle and its ring.
 
-    The hole is the background the shape encloses: background-coloured pixels that cannot reach
-    the picture's border without crossing the shape (every pixel of another colour, so blended
-    edges count as shape), the shape first thickened by one pixel so a ring with a gap of a pixel
-    or two still encloses its middle. A shape is an outline when its hole is at least `MIN_HOLE`
-    of the area the shape covers together with the hole.
+    The shape is every pixel whose nearest named colour is not the background's (so edges the
+    model blends count). Its middle is a disc around the shape's centroid, of radius `CORE_RADIUS`
+    times the shape's smaller side; it shows the background when most of the disc does. The shape
+    surrounds the middle when at least `MIN_SURROUNDED` of `RAYS` rays cast from the centroid
+    meet it. It is closed when, thickened by one pixel, it encloses background pixels (ones that
+    cannot reach the picture's border without crossing it) of at least `MIN_HOLE` of its area.
     """
     verdict = judge(image)
     if verdict.colour is None:
-        return FillVerdict(None, None)
+        return FillVerdict(None, False, None)
     labels = nearest_colours(np.asarray(image.convert("RGB").resize((SIZE, SIZE)), dtype=np.float32))
-    thickened = _dilate(labels != COLOURS.index(verdict.background))
+    background = labels == COLOURS.index(verdict.background)
+    shape = ~background
+    ys, xs = np.nonzero(shape)
+    cy, cx = ys.mean() + 0.5, xs.mean() + 0.5  # pixel (y, x) covers [y, y + 1) × [x, x + 1)
+    height, width = (np.percentile(coords, 99) - np.percentile(coords, 1) + 1 for coords in (ys, xs))
+    grid_y, grid_x = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    middle = (grid_y - cy) ** 2 + (grid_x - cx) ** 2 <= (CORE_RADIUS * min(height, width)) ** 2
+    see_through = background[middle].mean() >= 0.5 if middle.any() else False
+
+    angles = np.arange(RAYS) * 2 * np.pi / RAYS
+    distances = np.arange(0, 2 * SIZE, 0.5)
+    ray_y = cy + np.outer(np.sin(angles), distances)
+    ray_x = cx + np.outer(np.cos(angles), distances)
+    on_picture = (ray_y >= 0) & (ray_y < SIZE) & (ray_x >= 0) & (ray_x < SIZE)
+    meets = np.zeros_like(on_picture)
+    meets[on_picture] = shape[ray_y[on_picture].astype(int), ray_x[on_picture].astype(int)]
+    surrounded = meets.any(axis=1).mean() >= MIN_SURROUNDED
+
+    thickened = _dilate(shape)
     outside = _reachable_from_border(~thickened)
     hole = ~thickened & ~outside
+    closed = bool(hole.sum() >= MIN_HOLE * (~outside).sum())
     silhouette = ~_dilate(outside)  # what the shape covers with its hole, less the thickening
-    fill = "outline" if hole.sum() >= MIN_HOLE * (~outside).sum() else "filled"
-    return FillVerdict(fill, shape_of(silhouette))
+    fill = ("outline" if surrounded else "open") if see_through else "filled"
+    return FillVerdict(fill, closed, shape_of(silhouette))
 
 
-# TODO-measure
+# The middle: a disc 0.15 × the shape's smaller side in radius. The hole of the thinnest-walled
+# outline `draw` makes (a triangle's) has an inradius of 0.37 × its half-size, 0.185 × its side.
+CORE_RADIUS = 0.15
+RAYS = 16
+MIN_SURROUNDED = 0.75  # a ring may have a gap a quarter of the way round and still be an outline
+# An outline `draw` makes encloses at least 12 % of its area even thickened by a pixel; a filled
+# shape encloses nothing.
 MIN_HOLE = 0.05
 
 

@@ -120,12 +120,17 @@ def test_a_built_bento_carries_the_model_and_serves_it(start_server, bentoml_hom
     worker = next(service for service in info["services"] if service["name"] == "hypergen-worker")
     model_tag = worker["models"][0]["tag"]
     assert model_tag.startswith("hypergen-tiny-sd:") and info["args"]["model"] == model_tag
+    # The embedded model's `outline` adapter travels with it, as a BentoML model too.
+    lora_tag = next(model["tag"] for model in worker["models"] if model["tag"].startswith("hypergen-lora-outline:"))
+    assert info["args"]["loras"] == f"outline={lora_tag}:1.0"
     # A fresh HYPERGEN_HOME: the weights can only come from the BentoML model the Bento references.
     server = start_server({"HYPERGEN_HOME": str(tmp_path / "empty-home")}, target="hypergen:latest")
     server.wait_ready()
     client = OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
     assert [model.id for model in client.models.list().data] == ["hypergen-tiny-sd"]
     assert len(client.images.generate(prompt="a", size="64x64", extra_body={"num_inference_steps": 2}).data) == 1
+    listed = httpx.get(f"{server.base_url}/v1/loras").json()["data"]
+    assert [(item["name"], item["source"], item["pinned"]) for item in listed] == [("outline", lora_tag, True)]
     assert not (tmp_path / "empty-home" / "models").exists()
     server.stop()
 

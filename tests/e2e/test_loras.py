@@ -78,7 +78,7 @@ def test_hot_load_and_unload_while_requests_stream(lora_server):
     worker = threading.Thread(target=stream)
     worker.start()
     try:
-        for round_ in range(3):
+        for _ in range(3):
             loaded = httpx.post(f"{lora_server.base_url}/v1/loras", json={"name": "hot", "path": "ink", "scale": 1.0}, timeout=60)
             assert loaded.status_code == 200, loaded.text
             assert np.abs(generate(client, seed=8, lora_path="hot") - base).mean() > 2

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from hypergen.config import Settings, parse_lora_specs
-from hypergen.loras import LoraError, adapter_key, resolve_allowed_path
+from hypergen.config import EMBEDDED_LORA_DIR, EMBEDDED_LORA_NAME, Settings, parse_lora_specs
+from hypergen.engine.loras import LoraError, adapter_key, resolve_allowed_path
 
 
 def test_lora_specs_parse_names_sources_and_scales():
@@ -15,7 +15,9 @@ def test_lora_specs_parse_names_sources_and_scales():
     ]
 
 
-@pytest.mark.parametrize("text, fragment", [("nosource", "NAME=PATH"), ("a b=/x", "may only use"), ("a=/x:3", "outside 0.0"), ("a=/x,a=/y", "twice")])
+@pytest.mark.parametrize(
+    "text, fragment", [("nosource", "NAME=PATH"), ("a b=/x", "may only use"), ("a=/x:3", "outside 0.0"), ("a=/x,a=/y", "twice")]
+)
 def test_bad_lora_specs_are_refused_at_start(text, fragment):
     with pytest.raises(ValueError, match=fragment):
         parse_lora_specs(text)
@@ -71,3 +73,12 @@ def test_paths_are_refused_when_no_directory_is_allowed(lora_tree):
 def test_adapter_keys_are_module_safe():
     key = adapter_key("/some/path.with.dots/x")
     assert key.startswith("lora_") and "." not in key and "/" not in key
+
+
+def test_the_embedded_demo_model_comes_with_its_outline_adapter_unless_configured_otherwise(tmp_path):
+    assert [(spec.name, spec.source) for spec in Settings().lora_specs] == [(EMBEDDED_LORA_NAME, str(EMBEDDED_LORA_DIR))]
+    assert (EMBEDDED_LORA_DIR / "pytorch_lora_weights.safetensors").is_file()  # shipped in the package
+    assert Settings(loras="").lora_specs == []  # HYPERGEN_LORAS="" turns it off
+    assert [spec.name for spec in Settings(loras=f"ink={tmp_path}").lora_specs] == ["ink"]
+    assert Settings(model=str(tmp_path)).lora_specs == []  # made for the demo model's UNet only
+    assert Settings(models=f"a={tmp_path}").lora_specs == []

@@ -1,8 +1,8 @@
 import pytest
 
-from hypergen.errors import OpenAIError
 from hypergen.api.ratelimit import RateLimiter, format_reset
 from hypergen.config import parse_rate_limit
+from hypergen.errors import OpenAIError
 
 
 class Clock:
