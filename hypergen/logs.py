@@ -46,9 +46,8 @@ def quiet_model_libraries() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    transformers_logging.get_logger("transformers")  # installs the library's handler
-    for handler in logging.getLogger("transformers").handlers:
-        handler.addFilter(_DropTorchvisionFallback())
+    # On the logger that emits it: BentoML's handlers also receive transformers' records.
+    logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallback())
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()

@@ -28,9 +28,10 @@ class Readiness:
         self._checked = 0.0
         self._poller: asyncio.Task[None] | None = None
 
-    async def status(self) -> WorkerStatus:
-        """The pool's status, cached briefly once ready; unreachable counts as not ready."""
-        if self._status and self._status.ready and time.monotonic() - self._checked < STATUS_TTL_S:
+    async def status(self, fresh: bool = False) -> WorkerStatus:
+        """The pool's status, cached briefly once ready (unless `fresh`); unreachable counts as
+        not ready."""
+        if not fresh and self._status and self._status.ready and time.monotonic() - self._checked < STATUS_TTL_S:
             return self._status
         try:
             status = await asyncio.wait_for(self.pool.status(), STATUS_CALL_TIMEOUT_S)
@@ -62,7 +63,7 @@ class Readiness:
         return status.models
 
     async def health(self, model_name: str, queue: Any, max_queue: int) -> tuple[bool, dict[str, Any]]:
-        status = await self.status()
+        status = await self.status(fresh=True)  # `busy` must be what runs now
         body: dict[str, Any] = {
             "status": "ok" if status.ready else "loading",
             "model": model_name,

@@ -70,15 +70,17 @@ def test_a_poisoned_lora_path_fails_alone_and_its_batch_mates_get_their_images(h
 def test_a_clients_request_id_cannot_cancel_or_poison_someone_elses_request(hostile_server):
     url = f"{hostile_server.base_url}/v1/images/generations"
     headers = {"Authorization": f"Bearer {KEYS['ids']}", "X-Request-ID": "shared-id"}
-    body = {"prompt": "a green square on a black background", "seed": 11, "num_inference_steps": 40}
+    body = {"prompt": "a green square on a black background", "seed": 11, "num_inference_steps": 150}
     victim: dict[str, httpx.Response] = {}
     thread = threading.Thread(target=lambda: victim.update(response=httpx.post(url, json=body, headers=headers, timeout=120)))
     thread.start()
     deadline = time.monotonic() + 60
-    while not httpx.get(f"{hostile_server.base_url}/health").json().get("busy") and time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # until the victim's call runs
+        if any("shared-id" in call["requests"] for call in httpx.get(f"{hostile_server.base_url}/health").json()["busy"]):
+            break
         time.sleep(0.05)
     with pytest.raises(httpx.ReadTimeout):  # the attacker sends the victim's id, then leaves
-        httpx.post(url, json={**body, "num_inference_steps": 2}, headers=headers, timeout=0.3)
+        httpx.post(url, json={**body, "prompt": "a red circle"}, headers=headers, timeout=0.3)
     thread.join()
     reference = httpx.post(url, json=body, headers={"Authorization": headers["Authorization"]}, timeout=120)
     again = httpx.post(url, json={**body, "num_inference_steps": 2}, headers=headers, timeout=120)
