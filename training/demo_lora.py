@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.demo_model import pool_latents, token_ids, training_scheduler
-from training.shapes import SHAPES, SIZE, Scene, caption, draw, held_out_scenes, judge, judge_fill, random_scene
+from training.demo_model import draw_pairs, pool_latents, token_ids, training_scheduler
+from training.shapes import SHAPES, Scene, caption, draw, held_out_scenes, judge, judge_fill, random_scene
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "hypergen" / "assets" / "demo-model"
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "hypergen" / "assets" / "demo-lora"
@@ -109,25 +109,15 @@ def judge_outlines(pipe, pairs: list[tuple[Scene, int]], steps: int, guidance: f
     counts = dict.fromkeys(("outline", "closed", "filled", "colour", "background", "shape"), 0)
     asked = {shape: sum(scene.shape == shape for scene, _ in pairs) for shape in SHAPES}
     outlined = dict.fromkeys(SHAPES, 0)
-    for start in range(0, len(pairs), batch):
-        chunk = pairs[start : start + batch]
-        images = pipe(
-            [scene.prompt for scene, _ in chunk],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=[torch.Generator().manual_seed(seed) for _, seed in chunk],
-            height=SIZE,
-            width=SIZE,
-        ).images
-        for (scene, _), image in zip(chunk, images):
-            verdict, fill = judge(image), judge_fill(image)
-            counts["outline"] += fill.fill == "outline"
-            counts["closed"] += fill.closed
-            counts["filled"] += fill.fill == "filled"
-            counts["colour"] += verdict.colour == scene.colour
-            counts["background"] += verdict.background == scene.background
-            counts["shape"] += fill.shape == scene.shape
-            outlined[scene.shape] += fill.fill == "outline"
+    for scene, image in draw_pairs(pipe, pairs, steps, guidance, batch):
+        verdict, fill = judge(image), judge_fill(image)
+        counts["outline"] += fill.fill == "outline"
+        counts["closed"] += fill.closed
+        counts["filled"] += fill.fill == "filled"
+        counts["colour"] += verdict.colour == scene.colour
+        counts["background"] += verdict.background == scene.background
+        counts["shape"] += fill.shape == scene.shape
+        outlined[scene.shape] += fill.fill == "outline"
     by_shape = {f"outline_{shape}": outlined[shape] / asked[shape] for shape in SHAPES if asked[shape]}
     return {key: value / len(pairs) for key, value in counts.items()} | by_shape
 

@@ -337,9 +337,8 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer):
 
 
 @torch.no_grad()
-def judge_pipeline(pipe, pairs, steps: int, guidance: float, batch: int = 25) -> dict[str, float]:
-    """Fraction of (scene, seed) pairs whose picture the judge reads back correctly."""
-    correct = {"colour": 0, "background": 0, "shape": 0}
+def draw_pairs(pipe, pairs, steps: int, guidance: float, batch: int):
+    """(scene, picture) for each (scene, seed) pair, drawn `batch` at a time."""
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
         images = pipe(
@@ -350,9 +349,15 @@ def judge_pipeline(pipe, pairs, steps: int, guidance: float, batch: int = 25) ->
             height=SIZE,
             width=SIZE,
         ).images
-        for (scene, _), image in zip(chunk, images):
-            for key, ok in judge(image).score(scene).items():
-                correct[key] += ok
+        yield from zip((scene for scene, _ in chunk), images)
+
+
+def judge_pipeline(pipe, pairs, steps: int, guidance: float, batch: int = 25) -> dict[str, float]:
+    """Fraction of (scene, seed) pairs whose picture the judge reads back correctly."""
+    correct = {"colour": 0, "background": 0, "shape": 0}
+    for scene, image in draw_pairs(pipe, pairs, steps, guidance, batch):
+        for key, ok in judge(image).score(scene).items():
+            correct[key] += ok
     return {key: value / len(pairs) for key, value in correct.items()}
 
 

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import io
 import json
+import threading
 import time
 
 from PIL import Image
@@ -172,24 +173,28 @@ def test_websocket_errors_are_openai_error_objects(make_app, engine):
             assert error["type"] == "error" and error["error"]["param"] == "n"
 
 
-def test_websocket_clients_see_their_queue_position_while_they_wait(make_app, engine):
-    import threading
-
-    from starlette.testclient import TestClient
-
-    app = make_app(EngineClient(engine), max_batch_size=1)
-    queue = app.state.serving.queue
+def occupy_the_only_slot(client, queue) -> threading.Event:
+    """Hold the queue's one dispatch slot from the test client's event loop until released."""
     release = threading.Event()
 
-    async def hold_the_only_slot():
+    async def hold():
         async with queue.slot():
             while not release.is_set():
                 await asyncio.sleep(0.01)
 
+    client.portal.start_task_soon(hold)
+    while queue.in_flight == 0:
+        time.sleep(0.01)
+    return release
+
+
+def test_websocket_clients_see_their_queue_position_while_they_wait(make_app, engine):
+    from starlette.testclient import TestClient
+
+    app = make_app(EngineClient(engine), max_batch_size=1)
+    queue = app.state.serving.queue
     with TestClient(app) as client:
-        client.portal.start_task_soon(hold_the_only_slot)
-        while queue.in_flight == 0:
-            time.sleep(0.01)
+        release = occupy_the_only_slot(client, queue)
         with client.websocket_connect("/v1/images/ws") as socket:
             socket.send_json({"prompt": "second", "num_inference_steps": 2})
             events = [socket.receive_json()]
@@ -236,23 +241,12 @@ def test_an_idle_server_estimates_no_wait_and_binary_frames_get_an_error_event(m
 
 
 def test_streams_and_sockets_waiting_in_the_queue_time_out(make_app, engine):
-    import threading
-
     from starlette.testclient import TestClient
 
     app = make_app(EngineClient(engine), max_batch_size=1, request_timeout=0.5)
     queue = app.state.serving.queue
-    release = threading.Event()
-
-    async def hold_the_only_slot():
-        async with queue.slot():
-            while not release.is_set():
-                await asyncio.sleep(0.01)
-
     with TestClient(app) as client:
-        client.portal.start_task_soon(hold_the_only_slot)
-        while queue.in_flight == 0:
-            time.sleep(0.01)
+        release = occupy_the_only_slot(client, queue)
         stream = client.post("/v1/images/generations", json={"prompt": "a", "stream": True})
         with client.websocket_connect("/v1/images/ws") as socket:
             socket.send_json({"prompt": "a"})
