@@ -32,6 +32,7 @@ from ..protocol import (
 from . import jobs
 from .dispatch import Admission, Dispatcher
 from .pool import WorkerPool
+from .queue import AdmissionQueue
 from .ratelimit import RateLimiter
 from .readiness import Readiness
 from .responses import images_response, openai_events, server_timing, sse
@@ -58,7 +59,7 @@ class ImageServing:
         self._decoding = asyncio.Semaphore(MAX_CONCURRENT_DECODES)
 
     @property
-    def queue(self) -> Any:
+    def queue(self) -> AdmissionQueue:
         return self.dispatcher.queue
 
     # --- models, health, adapters --------------------------------------------------------------

@@ -8,8 +8,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ...errors import OpenAIError, error_response
+from ...errors import OpenAIError
 from ...metrics import exposition
 from ..access import authorized, serving
 from ..serving import ImageServing
@@ -45,6 +46,5 @@ def add_unknown_route(app: FastAPI) -> None:
     """Paths nothing else declares get OpenAI's 404 object, not BentoML's plain-text one."""
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"], include_in_schema=False)
-    async def unknown_route(request: Request) -> Any:
-        error = OpenAIError(404, f"Unknown route: {request.method} {request.url.path}.", code="not_found")
-        return error_response(error, request)
+    async def unknown_route() -> Any:
+        raise StarletteHTTPException(404)  # mapped with every other 404 in errors.to_openai
