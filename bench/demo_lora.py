@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = held_out_scenes(args.pairs)
     rows = []
     for scale in [*(float(value) for value in args.scales.split(",")), None]:
-        adapters.activate(adapter if scale is not None else None, scale)
+        adapters.activate([(adapter, scale)] if scale is not None else [])
         started = time.perf_counter()
         scores = {key: round(value, 4) for key, value in judge_outlines(loaded.pipe, pairs, steps, guidance).items()}
         rows.append({"adapter": EMBEDDED_LORA_NAME if scale is not None else None, "scale": scale, **scores,

@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         timed("load", lambda: manager.load("a", str(sources[0])))
         manager.load("b", str(sources[1]))
         first, second = manager.resolve("a"), manager.resolve("b")
-        manager.activate(first, 1.0)
-        timed("switch", lambda: manager.activate(second, 0.7))  # noqa: B023 (called at once)
-        timed("disable", lambda: manager.activate(None, None))
+        manager.activate([(first, 1.0)])
+        timed("switch", lambda: manager.activate([(second, 0.7)]))  # noqa: B023 (called at once)
+        timed("disable", lambda: manager.activate([]))
         manager.unload("b")
         timed("unload", lambda: manager.unload("a"))
     summary = {

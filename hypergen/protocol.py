@@ -7,12 +7,13 @@ torch nor FastAPI: both processes use it.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator
 
 Mode = Literal["text-to-image", "image-to-image", "inpainting"]
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -21,6 +22,7 @@ MAX_PROMPT_CHARS = 32000
 MAX_SEED = 2**63 - 1
 # Longer than any real adapter path, shorter than what the OS refuses (PATH_MAX 4096).
 MAX_LORA_PATH_CHARS = 1024
+MAX_LORAS_PER_REQUEST = 4
 # OpenAI's ImagesResponse.size enum: other sizes are left out of the response, not echoed.
 OPENAI_RESPONSE_SIZES = ("1024x1024", "1024x1536", "1536x1024")
 
@@ -40,6 +42,18 @@ def allowed(hint: str) -> dict[str, Any]:
 
 
 # --- client requests -------------------------------------------------------------------------
+
+
+class LoraChoice(BaseModel):
+    """One adapter of a request: a loaded adapter's name or a path inside HYPERGEN_LORA_DIRS, and
+    its scale (omitted = the adapter's own)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(min_length=1, max_length=MAX_LORA_PATH_CHARS)
+    scale: float | None = Field(default=None, ge=0.0, le=2.0)
+
+    _path_printable = field_validator("path")(reject_control_characters)
 
 
 class ImageRequestOptions(BaseModel):
@@ -95,8 +109,47 @@ class ImageRequestOptions(BaseModel):
         ),
     )
     lora_scale: float | None = Field(default=None, ge=0.0, le=2.0, description="omitted = the adapter's own scale.")
+    loras: list[LoraChoice] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_LORAS_PER_REQUEST,
+        description="Several adapters at once, each with its own scale (instead of lora_path). In multipart forms: a JSON string.",
+        json_schema_extra=allowed(
+            f"a list of 1 to {MAX_LORAS_PER_REQUEST} different adapters, each "
+            '{"path": "<adapter name or path>", "scale": 0.0-2.0}, and no lora_path beside it'
+        ),
+    )
 
     _lora_path_printable = field_validator("lora_path")(reject_control_characters)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_form(cls, value: Any) -> Any:
+        """Multipart forms carry the list as a JSON string."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("it is not a JSON list") from None
+        return value
+
+    @field_validator("loras")
+    @classmethod
+    def _one_way_to_name_adapters(cls, value: list[LoraChoice] | None, info: ValidationInfo) -> list[LoraChoice] | None:
+        if value is None:
+            return value
+        if info.data.get("lora_path") is not None:
+            raise ValueError("send either lora_path or loras, not both")
+        paths = [choice.path for choice in value]
+        if len(set(paths)) != len(paths):
+            raise ValueError("each adapter may appear once")
+        return value
+
+    def adapters(self) -> list[LoraChoice]:
+        """The adapters this request names, whichever field it used."""
+        if self.loras:
+            return list(self.loras)
+        return [LoraChoice(path=self.lora_path, scale=self.lora_scale)] if self.lora_path is not None else []
 
 
 class PromptFields(BaseModel):
@@ -320,8 +373,8 @@ class GenerationJob(BaseModel):
     image_b64: str | None = Field(default=None, description="init image (PNG) at width×height")
     mask_b64: str | None = Field(default=None, description="mask (PNG, L, 255 = repaint) at width×height")
     strength: float | None = None
-    lora_path: str | None = Field(default=None, description="adapter name, or a path inside HYPERGEN_LORA_DIRS")
-    lora_scale: float | None = Field(default=None, description="None = the adapter's default scale")
+    loras: list[LoraChoice] = Field(default_factory=list, description="the adapters, each with its scale (None = its own)")
+    lora_field: Literal["lora_path", "loras"] = Field(default="lora_path", description="the field errors about adapters name")
     admitted_at: float = Field(description="time.time() when the API admitted the request")
 
     @property

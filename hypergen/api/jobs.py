@@ -87,8 +87,8 @@ def build_job(
         seeds=seeds_for(request.seed, request.n or 1),
         output_format=request.output_format or "png",
         output_compression=100 if request.output_compression is None else request.output_compression,
-        lora_path=request.lora_path,
-        lora_scale=request.lora_scale,
+        loras=request.adapters(),
+        lora_field="loras" if request.loras else "lora_path",
         admitted_at=time.time(),
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..codec import decode_image_b64, encode_image_b64
 from ..metrics import metrics
 from ..protocol import GenerationJob, GenerationResult, WorkerError
 from .batching import PipelineCall, group_compatible_jobs
-from .loras import LoadedAdapter, LoraError
+from .loras import Choice, LoraError
 from .models import ServedModels
 from .previews import StepPreviews, StreamTicket
 from .streams import JobTable
@@ -62,7 +63,15 @@ class Batch:
     jobs: list[GenerationJob]
     tickets: dict[int, StreamTicket]
     results: list[GenerationResult] = field(init=False)
-    adapters: dict[int, LoadedAdapter] = field(default_factory=dict)
+    adapters: dict[int, list[Choice]] = field(default_factory=dict)  # job index → its adapters and scales
+
+    def adapter_key(self, index: int) -> tuple[tuple[str, float | None], ...] | None:
+        """None where the job's adapters can be routed per image (it may share any call), else
+        the adapters and scales that a call with it must share."""
+        choices = self.adapters.get(index, [])
+        if all(adapter.routable for adapter, _ in choices):
+            return None
+        return tuple((adapter.name, scale) for adapter, scale in choices)
 
     def __post_init__(self) -> None:
         self.results = [GenerationResult(request_id=job.request_id) for job in self.jobs]
@@ -88,7 +97,8 @@ class BatchRunner:
             return batch.results
         self._resolve_adapters(batch)
         runnable = [index for index, result in enumerate(batch.results) if result.error is None and not self._cancelled(batch, index)]
-        for call in group_compatible_jobs([jobs[index] for index in runnable], self.max_batch_size):
+        keys = [batch.adapter_key(index) for index in runnable]
+        for call in group_compatible_jobs([jobs[index] for index in runnable], self.max_batch_size, keys):
             call.images = [(runnable[job], image) for job, image in call.images]
             self._run_isolating_failures(batch, call)
         return batch.results
@@ -102,17 +112,21 @@ class BatchRunner:
         had fails alone (400 naming `lora_path` for a bad path) and does not run."""
         in_use: set[str] = set()
         for index, job in enumerate(batch.jobs):
-            if job.lora_path is None:
+            if not job.loras:
                 continue
             if job.mode == "inpainting" and self.models.settings.inpaint_model and not self.models.is_extra(job.model):
                 message = "LoRA adapters do not apply to the dedicated inpainting model (HYPERGEN_INPAINT_MODEL)."
-                batch.fail(index, WorkerError(message=message, status=400, param="lora_path"))
+                batch.fail(index, WorkerError(message=message, status=400, param=job.lora_field))
                 continue
             try:
-                batch.adapters[index] = self.models.get(job.model)[1].resolve(job.lora_path, protect=in_use)
-                in_use.add(batch.adapters[index].name)
+                manager = self.models.get(job.model)[1]
+                choices: list[Choice] = []
+                for choice in job.loras:
+                    choices.append((manager.resolve(choice.path, protect=in_use), choice.scale))
+                    in_use.add(choices[-1][0].name)
+                batch.adapters[index] = choices
             except LoraError as error:
-                batch.fail(index, WorkerError(message=error.message, status=400, param="lora_path"))
+                batch.fail(index, WorkerError(message=error.message, status=400, param=job.lora_field))
             except Exception as error:
                 logger.exception("request %s: resolving its adapter failed", job.request_id)
                 batch.fail(index, failure(error))
@@ -147,7 +161,10 @@ class BatchRunner:
         first = batch.jobs[first_index]
         loaded, loras = self.models.get(first.model)
         self.models.residency.use(loaded.name)
-        loras.activate(batch.adapters.get(first_index), first.lora_scale)
+        per_image = [batch.adapters.get(job, []) for job, _ in call.images]
+        routing = any(choices != per_image[0] for choices in per_image)
+        if not routing:
+            loras.activate(per_image[0])
         pipe = loaded.modes.get(first.mode)
         if pipe is None:
             raise ValueError(f"model '{first.model}' cannot do {first.mode}")
@@ -169,7 +186,8 @@ class BatchRunner:
         started = time.perf_counter()
         self.busy = busy
         try:
-            output = pipe(**arguments)
+            with loras.routed(per_image) if routing else nullcontext():
+                output = pipe(**arguments)
         finally:
             self.busy = None
         if getattr(pipe, "_interrupt", False):

@@ -8,16 +8,22 @@
 - Paths sent by clients must resolve (symlinks followed) inside `HYPERGEN_LORA_DIRS`.
 - At most `max_loaded` adapters stay loaded; loading one more evicts the least recently used
   adapter that was loaded on demand. Start-up adapters are pinned.
+- A call whose images use different adapters (or scales) runs them all at once: the adapters are
+  switched off in peft and a hook on each LoRA layer adds, row by row, the delta of that row's
+  own adapters (`RowRouter`). Only plain LoRA layers (Linear, Conv) can be routed; an adapter
+  with DoRA or another peft variant, or on an embedding, gets calls of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +55,8 @@ class LoadedAdapter:
     size_bytes: int
     load_seconds: float
     last_used: float
+    layers: list[Any] = field(default_factory=list, repr=False)  # the peft LoRA layers that hold it
+    routable: bool = True  # every layer is plain LoRA: images of one call can each have their own
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -151,7 +159,11 @@ class LoraManager:
         self._state_changed()  # diffusers leaves the new adapter active
         size = weights_size(Path(location)) if os.path.exists(location) else 0
         now = time.time()
-        adapter = LoadedAdapter(name, key, shown, scale, pinned, now, size, seconds, now)
+        layers = lora_layers(self.pipe, key)
+        routable = all(can_route(layer, key) for layer in layers)
+        adapter = LoadedAdapter(name, key, shown, scale, pinned, now, size, seconds, now, layers, routable)
+        if not routable:
+            logger.info("LoRA '%s' has layers that cannot be routed per image (DoRA or another variant): its calls are its own", name)
         self._adapters[name] = adapter
         metrics().lora_loads.labels(outcome="loaded").inc()
         metrics().loras_loaded.set(len(self._adapters))
@@ -181,20 +193,33 @@ class LoraManager:
         adapter.last_used = time.time()
         return adapter
 
-    def activate(self, adapter: LoadedAdapter | None, scale: float | None) -> None:
-        """Make the next pipeline call use exactly `adapter` at `scale`, or no adapter."""
-        if adapter is None:
+    def activate(self, choices: Sequence[Choice]) -> None:
+        """Make the next pipeline call use exactly these adapters at their scales (none: no adapter)."""
+        if not choices:
             if self._lora_enabled is not False and self._adapters:
                 self.pipe.disable_lora()
             self._lora_enabled, self._active = False, None
             return
-        wanted = (adapter.adapter_name, adapter.scale if scale is None else scale)
+        wanted = tuple(weights(choices))
         if self._lora_enabled is not True:
             self.pipe.enable_lora()
             self._lora_enabled = True
         if self._active != wanted:
-            self.pipe.set_adapters([wanted[0]], adapter_weights=[wanted[1]])
+            self.pipe.set_adapters([key for key, _ in wanted], adapter_weights=[scale for _, scale in wanted])
             self._active = wanted
+
+    @contextmanager
+    def routed(self, per_image: Sequence[Sequence[Choice]]) -> Iterator[None]:
+        """Run one call in which image i uses the adapters `per_image[i]` (each routable)."""
+        self.activate([])
+        router = RowRouter([weights(choices) for choices in per_image])
+        layers = {id(layer): layer for choices in per_image for adapter, _ in choices for layer in adapter.layers}
+        handles = [layer.register_forward_hook(router, with_kwargs=True) for layer in layers.values()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -228,3 +253,87 @@ class LoraManager:
             self.pipe.delete_adapters(key)
         except Exception:  # nothing was registered under that key
             pass
+
+
+# --- per-image adapters in one call ------------------------------------------------------------
+
+Choice = tuple[LoadedAdapter, "float | None"]  # an adapter and the request's scale (None: its own)
+
+
+def weights(choices: Iterable[Choice]) -> list[tuple[str, float]]:
+    """(key in the pipeline, scale) of each chosen adapter."""
+    return [(adapter.adapter_name, adapter.scale if scale is None else scale) for adapter, scale in choices]
+
+
+def lora_layers(pipe: Any, key: str) -> list[Any]:
+    """The peft LoRA layers of the pipeline's models (UNet or transformer, text encoders) holding `key`."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    found: dict[int, Any] = {}
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for module in component.modules():
+                if isinstance(module, LoraLayer) and (key in module.lora_A or key in module.lora_embedding_A):
+                    found[id(module)] = module
+    return list(found.values())
+
+
+def can_route(layer: Any, key: str) -> bool:
+    """Plain LoRA on a Linear or Conv layer: output += B(A(dropout(x))) * scaling, row by row."""
+    return key in layer.lora_A and key not in layer.lora_variant and key not in layer.lora_embedding_A
+
+
+def unit_scaling(layer: Any, key: str) -> float:
+    """peft's scaling of `key` at scale 1 (`LoraLayer.set_scale`)."""
+    rank = layer.r[key]
+    return layer.lora_alpha[key] / (math.sqrt(rank) if layer.use_rslora.get(key, False) else rank)
+
+
+class RoutingError(RuntimeError):
+    """A LoRA layer saw a batch whose rows are not whole copies of the call's images."""
+
+
+class RowRouter:
+    """A forward hook for peft LoRA layers (with adapters disabled, so a layer returns its base
+    output) that adds each row's own adapters. Row r of a layer's input belongs to image
+    r % images: diffusers stacks classifier-free guidance as [unconditional; conditional], and
+    text encoders see one row per image."""
+
+    def __init__(self, per_image: list[list[tuple[str, float]]]) -> None:
+        self.images = len(per_image)
+        self.by_adapter: dict[str, list[tuple[int, float]]] = {}
+        for image, choices in enumerate(per_image):
+            for key, scale in choices:
+                self.by_adapter.setdefault(key, []).append((image, scale))
+        self._plans: dict[tuple[int, Any], dict[str, tuple[Any, Any]]] = {}
+
+    def plan(self, rows: int, device: Any) -> dict[str, tuple[Any, Any]]:
+        """For each adapter: the rows that use it and their scales (cached per row count)."""
+        import torch
+
+        if rows % self.images:
+            raise RoutingError(f"a LoRA layer saw {rows} rows for a call of {self.images} images")
+        cached = self._plans.get((rows, device))
+        if cached is None:
+            copies = range(rows // self.images)
+            cached = {
+                key: (
+                    torch.tensor([copy * self.images + image for copy in copies for image, _ in uses], device=device),
+                    torch.tensor([scale for _ in copies for _, scale in uses], dtype=torch.float64),
+                )
+                for key, uses in self.by_adapter.items()
+            }
+            self._plans[(rows, device)] = cached
+        return cached
+
+    def __call__(self, layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        x = args[0] if args else kwargs["x"]
+        for key, (rows, scales) in self.plan(x.shape[0], x.device).items():
+            if key not in layer.lora_A:
+                continue
+            lora_a, lora_b = layer.lora_A[key], layer.lora_B[key]
+            delta = lora_b(lora_a(layer.lora_dropout[key](x.index_select(0, rows).to(lora_a.weight.dtype))))
+            factors = (scales * unit_scaling(layer, key)).to(delta.dtype).to(delta.device)
+            output.index_add_(0, rows, (delta * factors.view(-1, *[1] * (delta.dim() - 1))).to(output.dtype))
+        return output

@@ -14,7 +14,7 @@ from PIL import Image
 
 from hypergen.config import Settings
 from hypergen.engine.pipelines import DEMO_MODEL_DIR
-from hypergen.protocol import GenerationJob
+from hypergen.protocol import GenerationJob, LoraChoice
 from hypergen.testing import save_random_lora
 from tests.integration.conftest import start_engine
 from training.shapes import COLOURS, Scene, draw, nearest_colours
@@ -45,9 +45,9 @@ def png_b64(image: Image.Image) -> str:
 def test_a_lora_for_the_demo_model_loads_and_changes_the_picture(demo):
     prompt = "a red circle on a blue background"
     base = run(demo, prompt=prompt)
-    styled = run(demo, prompt=prompt, lora_path="wild")
+    styled = run(demo, prompt=prompt, loras=[LoraChoice(path="wild")])
     assert np.abs(styled - base).mean() > 2
-    assert np.array_equal(run(demo, prompt=prompt, lora_path="wild", lora_scale=0.0), base)
+    assert np.array_equal(run(demo, prompt=prompt, loras=[LoraChoice(path="wild", scale=0.0)]), base)
 
 
 def test_inpainting_on_the_demo_model_repaints_only_the_masked_half(demo):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from hypergen.config import Settings
-from hypergen.protocol import GenerationJob
+from hypergen.protocol import GenerationJob, LoraChoice
 from hypergen.testing import save_random_lora
 
 from .conftest import EngineClient, http, openai_client, run, start_engine
@@ -46,7 +46,8 @@ def app(make_app, lora_engine):
 def job(request_id, lora=None, scale=None, seed=1, prompt="a shape"):
     return GenerationJob(
         request_id=request_id, model="tiny-sd", prompt=prompt, width=64, height=64, num_inference_steps=3,
-        guidance_scale=7.5, seeds=[seed], lora_path=lora, lora_scale=scale, admitted_at=time.time(),
+        guidance_scale=7.5, seeds=[seed], admitted_at=time.time(),
+        loras=[LoraChoice.model_construct(path=lora, scale=scale)] if lora else [],  # unchecked: the worker must cope
     )  # fmt: skip
 
 
@@ -186,3 +187,98 @@ def test_admin_paths_never_reach_outside_the_allowed_dirs_nor_show_server_paths(
     assert pinned.status_code == 409 and "pinned" in pinned.json()["error"]["message"]
     assert loaded.status_code == 200 and loaded.json()["source"] == "chalk"
     assert str(allowed) not in listed.text and "style" in names(lora_engine)
+
+
+def test_different_adapters_and_scales_share_one_call_each_image_as_alone(lora_engine, lora_dirs):
+    """Per-image routing: [style, ink, none, style×1.2, ink+chalk] in one pipeline call, with and
+    without classifier-free guidance (which doubles the UNet's batch)."""
+    allowed, _ = lora_dirs
+    for guidance in (7.5, 1.0):
+        jobs = [
+            job("a", lora="style", seed=4),
+            job("b", lora=str(allowed / "ink"), seed=5),
+            job("c", seed=4),
+            job("d", lora="style", scale=1.2, seed=4),
+            job("e", seed=6).model_copy(update={"loras": [LoraChoice(path="ink", scale=0.7), LoraChoice(path="chalk", scale=0.5)]}),
+        ]
+        jobs = [single.model_copy(update={"guidance_scale": guidance}) for single in jobs]
+        together = lora_engine.run_batch(jobs)
+        assert [result.batch_images for result in together] == [5] * 5, "one call for all five"
+        alone = [lora_engine.run_batch([single])[0] for single in jobs]
+        assert [result.batch_images for result in alone] == [1] * 5
+        for batched, single in zip(together, alone):
+            assert batched.error is None and single.error is None
+            # As close as peft's own batched path gets with one adapter for all (random tiny UNets
+            # amplify float noise); tests/unit/test_loras.py checks the routed layers to 1e-5.
+            assert np.abs(pixels(batched.images_b64[0]) - pixels(single.images_b64[0])).mean() <= 1.0, (guidance, batched.request_id)
+        images = [pixels(result.images_b64[0]) for result in together]
+        assert np.abs(images[0] - images[2]).mean() > 1 and np.abs(images[0] - images[3]).mean() > 0.5
+
+
+def test_several_adapters_in_one_request_add_up_and_scale_zero_is_the_base(lora_engine):
+    base = image_for(lora_engine, seed=9)
+    both = [LoraChoice(path="style", scale=0.6), LoraChoice(path="ink", scale=0.6)]
+    off = [LoraChoice(path="style", scale=0.0), LoraChoice(path="ink", scale=0.0)]
+    combined = lora_engine.run_batch([job("two", seed=9).model_copy(update={"loras": both})])[0]
+    zero = lora_engine.run_batch([job("zero", seed=9).model_copy(update={"loras": off})])[0]
+    style = image_for(lora_engine, lora="style", scale=0.6, seed=9)
+    assert np.abs(pixels(combined.images_b64[0]) - style).mean() > 1  # ink changed it too
+    assert np.abs(pixels(combined.images_b64[0]) - base).mean() > 1
+    assert np.array_equal(pixels(zero.images_b64[0]), base)
+
+
+def test_an_adapter_that_cannot_be_routed_gets_calls_of_its_own(tiny_sd_dir, tmp_path):
+    """DoRA is a peft variant the per-image router does not handle: its job is grouped apart,
+    and every image is still the image it would be alone."""
+    allowed = tmp_path / "allowed"
+    save_random_lora(tiny_sd_dir, allowed / "dora", seed=21, magnitude=0.5, use_dora=True)
+    save_random_lora(tiny_sd_dir, allowed / "plain", seed=22, magnitude=0.5)
+    engine = start_engine(Settings(home=tmp_path / "home", loras="", lora_dirs=str(allowed)), tiny_sd_dir)
+    jobs = [job("dora", lora="dora", seed=3), job("plain", lora="plain", seed=3), job("none", seed=3)]
+    together = engine.run_batch(jobs)
+    assert [result.batch_images for result in together] == [1, 2, 2]
+    assert not engine.models.default_loras.resolve("dora").routable
+    alone = [engine.run_batch([single])[0] for single in jobs]
+    for batched, single in zip(together, alone):
+        assert np.abs(pixels(batched.images_b64[0]) - pixels(single.images_b64[0])).mean() <= 1.0
+    assert np.abs(pixels(together[0].images_b64[0]) - pixels(together[2].images_b64[0])).mean() > 1
+
+
+def test_the_loras_field_through_the_official_client(app, lora_engine):
+    client = openai_client(app)
+    listed = [{"path": "style", "scale": 0.6}, {"path": "ink", "scale": 0.6}]
+    response = run(client.images.generate(prompt="a shape", extra_body={"loras": listed, "seed": 9, "num_inference_steps": 3}))
+    two = lora_engine.run_batch(
+        [job("two", seed=9).model_copy(update={"loras": [LoraChoice(path="style", scale=0.6), LoraChoice(path="ink", scale=0.6)]})]
+    )[0]
+    assert np.array_equal(pixels(response.data[0].b64_json), pixels(two.images_b64[0]))
+    bad = [
+        {"loras": listed, "lora_path": "style"},
+        {"loras": [{"path": "style"}, {"path": "style"}]},
+        {"loras": [{"path": f"a{index}"} for index in range(5)]},
+        {"loras": [{"path": "style", "scale": 3}]},
+        {"loras": [{"path": "missing-adapter"}]},
+    ]
+    for extra in bad:
+        with pytest.raises(openai.BadRequestError) as caught:
+            run(client.images.generate(prompt="a", extra_body={**extra, "num_inference_steps": 2}))
+        assert caught.value.body["param"].startswith("loras"), extra
+
+
+def test_an_edit_takes_the_loras_list_as_a_json_form_field(app):
+    source = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(source, format="PNG")
+
+    async def scenario():
+        async with http(app) as client:
+            files = {"image": ("i.png", source.getvalue(), "image/png")}
+            form = {"prompt": "a shape", "seed": "3", "num_inference_steps": "4", "response_format": "b64_json"}
+            base = await client.post("/v1/images/edits", data=form, files=files)
+            styled = await client.post("/v1/images/edits", data={**form, "loras": '[{"path": "style", "scale": 1.5}]'}, files=files)
+            broken = await client.post("/v1/images/edits", data={**form, "loras": "[{"}, files=files)
+            return base, styled, broken
+
+    base, styled, broken = run(scenario())
+    assert base.status_code == 200 and styled.status_code == 200, styled.text
+    assert np.abs(pixels(styled.json()["data"][0]["b64_json"]) - pixels(base.json()["data"][0]["b64_json"])).mean() > 1
+    assert broken.status_code == 400 and broken.json()["error"]["param"] == "loras"

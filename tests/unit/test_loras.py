@@ -82,3 +82,66 @@ def test_the_embedded_demo_model_comes_with_its_outline_adapter_unless_configure
     assert [spec.name for spec in Settings(loras=f"ink={tmp_path}").lora_specs] == ["ink"]
     assert Settings(model=str(tmp_path)).lora_specs == []  # made for the demo model's UNet only
     assert Settings(models=f"a={tmp_path}").lora_specs == []
+
+
+def _lora_model(use_dora: bool = False):
+    """Linear and Conv layers with two random peft adapters, 'a' and 'b'."""
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Flatten(2), torch.nn.Linear(16, 16))
+    for name, rank in (("a", 2), ("b", 4)):
+        config = LoraConfig(r=rank, lora_alpha=3, target_modules=["0", "2"], init_lora_weights=False, use_dora=use_dora and name == "b")
+        inject_adapter_in_model(config, model, adapter_name=name)
+    return model.eval()
+
+
+def _layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [module for module in model.modules() if isinstance(module, LoraLayer)]
+
+
+def test_routed_rows_equal_each_row_run_alone_with_its_own_adapters():
+    """RowRouter on plain LoRA Linear and Conv layers: rows r and r + images belong to image r (as
+    classifier-free guidance stacks them), each with its own adapters and scales."""
+    import torch
+
+    from hypergen.engine.loras import RowRouter, can_route
+
+    model = _lora_model()
+    per_image = [[("a", 1.0)], [("b", 0.5)], [], [("a", 1.3), ("b", 0.7)]]
+    x = torch.randn(2 * len(per_image), 3, 4, 4)
+    expected = []
+    with torch.no_grad():
+        for row in range(x.shape[0]):
+            choices = per_image[row % len(per_image)]
+            for layer in _layers(model):
+                layer.enable_adapters(bool(choices))
+                if choices:
+                    layer.set_adapter([key for key, _ in choices])
+                    for key, scale in choices:
+                        layer.set_scale(key, scale)
+            expected.append(model(x[row : row + 1]))
+        router = RowRouter(per_image)
+        for layer in _layers(model):
+            layer.enable_adapters(False)
+            assert can_route(layer, "a") and can_route(layer, "b")
+        handles = [layer.register_forward_hook(router, with_kwargs=True) for layer in _layers(model)]
+        routed = model(x)
+        for handle in handles:
+            handle.remove()
+    assert torch.allclose(routed, torch.cat(expected), atol=1e-5)
+    assert not torch.allclose(expected[0], expected[2], atol=1e-3)  # the adapters change the output
+
+
+def test_dora_layers_cannot_be_routed_and_odd_row_counts_are_refused():
+    import torch
+
+    from hypergen.engine.loras import RoutingError, RowRouter, can_route
+
+    layers = _layers(_lora_model(use_dora=True))
+    assert all(can_route(layer, "a") and not can_route(layer, "b") for layer in layers)
+    with pytest.raises(RoutingError):
+        RowRouter([[("a", 1.0)], []]).plan(3, torch.device("cpu"))
