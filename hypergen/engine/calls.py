@@ -20,7 +20,7 @@ from ..protocol import GenerationJob, GenerationResult, WorkerError
 from .batching import PipelineCall, group_compatible_jobs
 from .loras import Choice, LoraError
 from .models import ServedModels
-from .previews import StepPreviews, StreamTicket
+from .previews import InterruptedInsideStep, StepPreviews, StreamTicket, interrupt_inside_steps
 from .streams import JobTable
 
 logger = logging.getLogger("hypergen.engine")
@@ -102,6 +102,9 @@ class BatchRunner:
             call.images = [(runnable[job], image) for job, image in call.images]
             self._run_isolating_failures(batch, call)
         return batch.results
+
+    def _all_gone(self, batch: Batch, call: PipelineCall) -> bool:
+        return all(self._cancelled(batch, job) for job in call.job_indices)
 
     def _cancelled(self, batch: Batch, index: int) -> bool:
         ticket = batch.tickets.get(index)
@@ -186,8 +189,10 @@ class BatchRunner:
         started = time.perf_counter()
         self.busy = busy
         try:
-            with loras.routed(per_image) if routing else nullcontext():
+            with loras.routed(per_image) if routing else nullcontext(), interrupt_inside_steps(pipe, lambda: self._all_gone(batch, call)):
                 output = pipe(**arguments)
+        except InterruptedInsideStep:
+            raise CallInterrupted(f"interrupted inside step {busy['step'] + 1} of {first.num_inference_steps}") from None
         finally:
             self.busy = None
         if getattr(pipe, "_interrupt", False):

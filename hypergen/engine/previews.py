@@ -4,14 +4,17 @@ A `StreamTicket` follows one streaming job through the pipeline thread. `StepPre
 pipeline's `callback_on_step_end` for every call: at evenly spaced steps it decodes the latents
 of the images whose requests asked for partial images (with the model's own VAE) and hands them
 to each ticket; when every request in the call has gone away (disconnected or timed out) it
-interrupts the call.
+interrupts the call. `interrupt_inside_steps` reaches further: a step (or the VAE's decode) of a
+large image can run for minutes, so each block of the denoiser and the autoencoder checks first.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,3 +115,36 @@ def decode_latents(pipe: Any, latents: Any) -> list[Any]:
     decoded = vae.decode(scaled, return_dict=False)[0]
     images = pipe.image_processor.postprocess(decoded, output_type="pil")
     return [image if image.size == (width, height) else image.resize((width, height)) for image in images]
+
+
+class InterruptedInsideStep(Exception):
+    """Raised by a block of the denoiser or autoencoder once every request in the call has gone."""
+
+
+# The blocks checked before they run: the UNet's or transformer's, and the autoencoder's encoder
+# and decoder stages (a handful to a few dozen per step).
+_BLOCK_NAME = re.compile(r"^((encoder|decoder)\.)?(down_blocks|up_blocks|mid_block|transformer_blocks|single_transformer_blocks)(\.\d+)?$")
+
+
+@contextmanager
+def interrupt_inside_steps(pipe: Any, gone: Callable[[], bool]) -> Iterator[None]:
+    """While the block runs, every block of the pipeline's denoiser and autoencoder first asks
+    `gone()` and raises `InterruptedInsideStep` if it says so."""
+    import torch
+
+    def check(module: Any, args: Any) -> None:
+        if gone():
+            raise InterruptedInsideStep("every request in the call has gone")
+
+    handles = []
+    for name in ("unet", "transformer", "vae"):
+        component = getattr(pipe, name, None)
+        if isinstance(component, torch.nn.Module):
+            for path, module in component.named_modules():
+                if _BLOCK_NAME.match(path) and not isinstance(module, torch.nn.ModuleList):
+                    handles.append(module.register_forward_pre_hook(check))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

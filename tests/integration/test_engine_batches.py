@@ -73,3 +73,23 @@ def test_an_interrupted_call_delivers_no_images_and_health_shows_it_while_busy(e
     assert busy["requests"] == ["slow"] and busy["steps"] == 150 and busy["size"] == "64x64"
     assert result.images_b64 == [] and result.error.status == 499 and "interrupted" in result.error.message
     assert engine.status().busy == []
+
+
+def test_a_cancel_reaches_inside_a_single_step(engine):
+    """A one-step call at 256² (seconds per step here; a 1024² step on the demo model ran for
+    minutes) stops at the next UNet or VAE block once its request has gone, not after the step."""
+    import asyncio
+
+    long_step = job("one-long-step", steps=1, size=(256, 256))
+
+    async def scenario():
+        task = asyncio.ensure_future(engine.generate([long_step]))
+        while not engine.status().busy:
+            await asyncio.sleep(0.005)
+        engine.cancel(long_step.job_id)
+        return (await task)[0]
+
+    result = asyncio.run(scenario())
+    assert result.images_b64 == [] and result.error.status == 499
+    assert "inside step 1 of 1" in result.error.message
+    assert engine.run_batch([job("after", seeds=(2,))])[0].error is None  # the pipeline is fine afterwards
