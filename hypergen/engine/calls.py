@@ -192,6 +192,7 @@ class BatchRunner:
             with loras.routed(per_image) if routing else nullcontext(), interrupt_inside_steps(pipe, lambda: self._all_gone(batch, call)):
                 output = pipe(**arguments)
         except InterruptedInsideStep:
+            logger.info("interrupting a pipeline call inside step %d: every request in it has gone", busy["step"] + 1)
             raise CallInterrupted(f"interrupted inside step {busy['step'] + 1} of {first.num_inference_steps}") from None
         finally:
             self.busy = None

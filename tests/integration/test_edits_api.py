@@ -179,7 +179,7 @@ def test_edit_pipelines_share_the_loaded_weights(engine):
 
 def test_a_dedicated_inpainting_checkpoint_is_used_for_masks(tiny_sd_dir, tmp_path):
     from hypergen.config import Settings
-    from hypergen.protocol import GenerationJob
+    from hypergen.protocol import GenerationJob, LoraChoice
     from hypergen.testing import save_tiny_pipeline
 
     inpainting_dir = save_tiny_pipeline(tmp_path / "tiny-inpainting", kind="sd-inpainting", seed=3)
@@ -199,7 +199,7 @@ def test_a_dedicated_inpainting_checkpoint_is_used_for_masks(tiny_sd_dir, tmp_pa
     output = np.asarray(Image.open(io.BytesIO(base64.b64decode(result.images_b64[0]))).convert("RGB"), dtype=np.int16)
     difference = np.abs(output - np.asarray(scene(), dtype=np.int16))
     assert difference[:, :32].max() == 0 and difference[:, 32:].mean() > 20
-    with_lora = engine.run_batch([job.model_copy(update={"lora_path": "any"})])[0]
+    with_lora = engine.run_batch([job.model_copy(update={"loras": [LoraChoice(path="any")]})])[0]
     assert with_lora.error.status == 400 and with_lora.error.param == "lora_path"
 
 
