@@ -73,6 +73,16 @@ def not_ready_error(detail: str, retry_after: int = 5) -> OpenAIError:
     return OpenAIError(503, detail, type="server_error", code="not_ready", headers={"Retry-After": str(retry_after)})
 
 
+def shutting_down_error() -> OpenAIError:
+    return OpenAIError(
+        503,
+        "The server is shutting down; retry shortly (another replica may take the request).",
+        type="server_error",
+        code="shutting_down",
+        headers={"Retry-After": "1", "Connection": "close"},
+    )
+
+
 def generation_failed(request_id: str) -> OpenAIError:
     return OpenAIError(
         500,

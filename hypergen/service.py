@@ -90,4 +90,6 @@ class ImageAPI:
 
     @bentoml.on_startup
     async def warm_up(self) -> None:
+        # SIGTERM: refuse new connections and turn the queue away at once, finish what runs.
+        app.state.shutdown.install(on_close=app.state.serving.queue.close)
         app.state.serving.readiness.start_polling()

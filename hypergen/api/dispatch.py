@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Settings
-from ..errors import OpenAIError, from_worker, generation_failed, queue_full_error, timeout_error
+from ..errors import OpenAIError, from_worker, generation_failed, queue_full_error, shutting_down_error, timeout_error
 from ..metrics import metrics
 from ..protocol import DoneEvent, GenerationJob, GenerationResult, WorkerEvent
 from .pool import WorkerPool
-from .queue import AdmissionQueue, QueueFull
+from .queue import AdmissionQueue, QueueClosed, QueueFull
 from .readiness import Readiness
 
 logger = logging.getLogger("hypergen.requests")
@@ -57,13 +57,17 @@ class Admission:
         return self._dispatcher.queue.position(self._turn)
 
     async def enter(self) -> None:
-        """Wait (FIFO) for a dispatch slot until the deadline; 503 when the queue is full."""
+        """Wait (FIFO) for a dispatch slot until the deadline; 503 when the queue is full or the
+        server shuts down before the request's turn."""
         slot = self._dispatcher.queue.slot(on_wait=self._waiting)
         try:
             async with asyncio.timeout_at(self._deadline):
                 await self._stack.enter_async_context(slot)
         except QueueFull:
             raise self._dispatcher.full_queue_error() from None
+        except QueueClosed:
+            metrics().rejected.labels(reason="shutting_down").inc()
+            raise shutting_down_error() from None
         except TimeoutError:
             metrics().rejected.labels(reason="timeout").inc()
             raise timeout_error(self._dispatcher.settings.request_timeout) from None

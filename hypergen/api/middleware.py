@@ -19,7 +19,8 @@ _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 class RequestLimits:
     """ASGI middleware: a request ID on every request and response, a request body cap (413),
     and nothing read of a body before its key and the queue have been checked (401/503), nor
-    beyond `max_bytes_in_flight` for all bodies being received at once (503).
+    beyond `max_bytes_in_flight` for all bodies being received at once (503); once the process
+    is shutting down (`app.state.shutdown`), every new request gets a 503.
 
     Pure ASGI rather than `BaseHTTPMiddleware`, so the body limit also covers chunked uploads
     without a Content-Length, and streamed responses pass straight through.
@@ -95,9 +96,11 @@ class RequestLimits:
             record_request(scope, status_seen[0], time.perf_counter() - started)
 
     def _refuse_before_reading(self, scope: Scope, headers: dict[str, str]) -> OpenAIError | None:
-        """401, 503 or 413 decided from the headers alone, before a byte of the body is held."""
+        """503 (shutting down), 401, 503 or 413 decided from the headers alone, before a byte of the body is held."""
         state = getattr(scope.get("app"), "state", None)
-        auth, images = getattr(state, "auth", None), getattr(state, "serving", None)
+        auth, images, shutdown = getattr(state, "auth", None), getattr(state, "serving", None), getattr(state, "shutdown", None)
+        if shutdown is not None and shutdown.closing:
+            return shutdown.error()
         path = scope.get("path", "")
         try:
             if scope.get("method") in ("POST", "PUT", "PATCH") and path.startswith("/v1/") and auth is not None:

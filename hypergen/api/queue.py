@@ -2,7 +2,8 @@
 
 A request holds one of `max_in_flight` dispatch slots while the worker has it (those slots
 feed the worker's batches); the rest wait here, in arrival order, at most `max_waiting` of
-them. One more is refused at once with `QueueFull` rather than left to time out.
+them. One more is refused at once with `QueueFull` rather than left to time out. `close()`
+(the server is shutting down) turns every waiting request away with `QueueClosed`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ class QueueFull(Exception):
     """Raised by `AdmissionQueue.slot()` when `max_waiting` requests are already waiting."""
 
 
+class QueueClosed(Exception):
+    """Raised by `AdmissionQueue.slot()` once the queue is closed (the server is shutting down)."""
+
+
 class AdmissionQueue:
     def __init__(self, max_waiting: int, max_in_flight: int, on_change: Callable[[int, int], None] | None = None) -> None:
         """`on_change(depth, in_flight)` is called after every change (for metrics)."""
@@ -25,6 +30,7 @@ class AdmissionQueue:
         self.max_waiting = max_waiting
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.closed = False
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._on_change = on_change or (lambda depth, in_flight: None)
 
@@ -50,7 +56,10 @@ class AdmissionQueue:
     async def slot(self, on_wait: Callable[[asyncio.Future[None]], None] | None = None) -> AsyncIterator[None]:
         """Wait (FIFO) for a dispatch slot and hold it for the body of the `async with`.
 
-        `on_wait(turn)` is called if the request has to wait; `position(turn)` then tells where."""
+        `on_wait(turn)` is called if the request has to wait; `position(turn)` then tells where.
+        Raises `QueueFull`, or `QueueClosed` (also while waiting) once `close()` was called."""
+        if self.closed:
+            raise QueueClosed()
         if self.in_flight < self.max_in_flight and not self._waiting:
             self.in_flight += 1
             self._changed()
@@ -75,6 +84,16 @@ class AdmissionQueue:
             yield
         finally:
             self._release()
+
+    def close(self) -> None:
+        """Admit nobody any more: the requests waiting get `QueueClosed` at once (they have not
+        started; a client can retry them elsewhere), the ones holding a slot keep it to the end."""
+        self.closed = True
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_exception(QueueClosed())
+        self._changed()
 
     def _release(self) -> None:
         self.in_flight -= 1

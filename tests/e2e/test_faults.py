@@ -1,4 +1,4 @@
-"""Faults through `bentoml serve`: the diffusion worker process is killed mid-request."""
+"""Faults through `bentoml serve`: the diffusion worker process is killed mid-request; SIGTERM while a request runs."""
 
 from __future__ import annotations
 
@@ -52,21 +52,48 @@ def test_a_killed_worker_fails_only_its_requests_and_comes_back(start_server):
     server.stop()
 
 
-def test_sigterm_lets_the_request_in_flight_finish(start_server):
-    server = start_server({})
+def test_sigterm_refuses_new_connections_at_once_and_lets_the_request_in_flight_finish(start_server):
+    server = start_server({"HYPERGEN_MAX_BATCH_SIZE": "1"})  # one request in the worker, the next one waits in the queue
     server.wait_ready()
     url = f"{server.base_url}/v1/images/generations"
     outcome: dict[str, httpx.Response] = {}
 
-    def long_request() -> None:
-        outcome["response"] = httpx.post(url, json={"prompt": "drain", "size": "64x64", "num_inference_steps": 100}, timeout=120)
+    def send(name: str, steps: int) -> None:
+        outcome[name] = httpx.post(url, json={"prompt": name, "size": "64x64", "num_inference_steps": steps}, timeout=300)
 
-    thread = threading.Thread(target=long_request)
-    thread.start()
-    time.sleep(0.5)
+    running = threading.Thread(target=send, args=("running", 150))
+    running.start()
+    health = f"{server.base_url}/health"
+    deadline = time.monotonic() + 60
+    while not httpx.get(health, timeout=10).json()["busy"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # until its pipeline call runs
+    queued = threading.Thread(target=send, args=("queued", 2))
+    queued.start()
+    while httpx.get(health, timeout=10).json()["queue_depth"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
     server.process.send_signal(signal.SIGTERM)  # what `docker stop` / Kubernetes send
-    thread.join(timeout=120)
-    assert outcome["response"].status_code == 200 and len(outcome["response"].json()["data"]) == 1
+    queued.join(timeout=10)  # turned away at once: the workers are stopping, its turn would never come
+    time.sleep(0.5)
+    # While it drains, a new client gets a refused connection (or OpenAI's 503), never a hang:
+    # the listening socket used to stay open in BentoML's other processes, and new connections
+    # waited unanswered until the request in flight had finished.
+    answers = []
+    for _ in range(3):
+        try:
+            late = httpx.post(url, json={"prompt": "late", "size": "64x64"}, timeout=5)
+            assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down" and "retry-after" in late.headers
+            answers.append(late.status_code)
+        except httpx.ConnectError:
+            answers.append("refused")
+        time.sleep(0.2)
+    assert running.is_alive(), "the request in flight should still be running while new ones are refused"
+    assert answers and all(answer in ("refused", 503) for answer in answers), answers
+    turned_away = outcome["queued"]
+    assert turned_away.status_code == 503 and turned_away.json()["error"]["code"] == "shutting_down"
+    assert turned_away.headers["retry-after"] == "1"
+    running.join(timeout=300)
+    assert outcome["running"].status_code == 200 and len(outcome["running"].json()["data"]) == 1
     assert server.process.wait(timeout=60) is not None
+    assert "new connections refused" in server.log()
     with pytest.raises(httpx.HTTPError):
         httpx.post(url, json={"prompt": "late"}, timeout=10)  # no longer admitted

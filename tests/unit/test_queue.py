@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from hypergen.api.queue import AdmissionQueue, QueueFull
+from hypergen.api.queue import AdmissionQueue, QueueClosed, QueueFull
 
 
 async def hold(queue, name, order, release: asyncio.Event):
@@ -58,5 +58,25 @@ def test_a_cancelled_waiter_frees_its_place_and_does_not_leak_a_slot():
         release.set()
         await asyncio.gather(first, last)
         assert order == ["a", "c"] and queue.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_closing_turns_the_waiting_away_at_once_and_lets_the_running_finish():
+    async def scenario():
+        queue = AdmissionQueue(max_waiting=5, max_in_flight=1)
+        order, release = [], asyncio.Event()
+        tasks = [asyncio.create_task(hold(queue, name, order, release)) for name in "abc"]
+        await asyncio.sleep(0.01)
+        queue.close()
+        await asyncio.sleep(0.01)
+        assert [type(task.exception()) for task in tasks[1:]] == [QueueClosed, QueueClosed]  # not left waiting for "a"
+        assert queue.depth == 0 and not tasks[0].done()
+        with pytest.raises(QueueClosed):
+            async with queue.slot():
+                pass
+        release.set()
+        await tasks[0]
+        assert order == ["a"] and queue.in_flight == 0
 
     asyncio.run(scenario())
