@@ -23,6 +23,7 @@ MAX_SEED = 2**63 - 1
 # Longer than any real adapter path, shorter than what the OS refuses (PATH_MAX 4096).
 MAX_LORA_PATH_CHARS = 1024
 MAX_LORAS_PER_REQUEST = 4
+MAX_SCHEDULER_CHARS = 40
 # OpenAI's ImagesResponse.size enum: other sizes are left out of the response, not echoed.
 OPENAI_RESPONSE_SIZES = ("1024x1024", "1024x1536", "1536x1024")
 
@@ -109,6 +110,14 @@ class ImageRequestOptions(BaseModel):
         ),
     )
     lora_scale: float | None = Field(default=None, ge=0.0, le=2.0, description="omitted = the adapter's own scale.")
+    scheduler: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_SCHEDULER_CHARS,
+        description="A sampler by its A1111/ComfyUI name (euler, euler_a, dpm++_2m_karras, ddim, unipc, lcm, flow_euler, ...); "
+        "omitted = the model's own. GET /v1/models lists each model's names.",
+        json_schema_extra=allowed("one of the scheduler names GET /v1/models lists for the model"),
+    )
     loras: list[LoraChoice] | None = Field(
         default=None,
         min_length=1,
@@ -234,6 +243,11 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(description="Unix time the server started.")
     owned_by: str = "hypergen"
+    # HyperGen's additions, once the model is loaded (OpenAI's clients keep extra fields).
+    native_size: str | None = Field(default=None, description="The size it was trained at ('auto').")
+    max_size: str | None = Field(default=None, description="The largest size it makes.")
+    modes: list[str] | None = Field(default=None, description="text-to-image, image-to-image, inpainting")
+    schedulers: list[str] | None = Field(default=None, description="The names `scheduler` accepts for it.")
 
 
 class ModelList(BaseModel):
@@ -322,6 +336,7 @@ class ModelLimits(BaseModel):
     default_steps: int = 50
     default_guidance_scale: float = 7.5
     modes: list[str] = Field(default_factory=lambda: ["text-to-image"])
+    schedulers: list[str] = Field(default_factory=list, description="the names `scheduler` accepts")
     native_step_s: float | None = Field(
         default=None, description="one denoising step of one image at the native size, measured by the warm-up calls"
     )
@@ -373,6 +388,7 @@ class GenerationJob(BaseModel):
     image_b64: str | None = Field(default=None, description="init image (PNG) at width×height")
     mask_b64: str | None = Field(default=None, description="mask (PNG, L, 255 = repaint) at width×height")
     strength: float | None = None
+    scheduler: str | None = Field(default=None, description="a name from ModelLimits.schedulers; None = the model's own")
     loras: list[LoraChoice] = Field(default_factory=list, description="the adapters, each with its scale (None = its own)")
     lora_field: Literal["lora_path", "loras"] = Field(default="lora_path", description="the field errors about adapters name")
     admitted_at: float = Field(description="time.time() when the API admitted the request")

@@ -60,6 +60,14 @@ def refuse_unaffordable_size(limits: ModelLimits, size: tuple[int, int], timeout
     )
 
 
+def resolve_scheduler(limits: ModelLimits, name: str | None) -> str | None:
+    if name is None or name in limits.schedulers:
+        return name
+    raise invalid_value(
+        "scheduler", f"Scheduler '{name}' does not fit model '{limits.id}'. Its schedulers: {', '.join(limits.schedulers)}."
+    )
+
+
 def seeds_for(seed: int | None, n: int) -> list[int]:
     """With a seed, image i uses seed + i, so a request is reproducible; without, each image is new."""
     if seed is not None:
@@ -87,6 +95,7 @@ def build_job(
         seeds=seeds_for(request.seed, request.n or 1),
         output_format=request.output_format or "png",
         output_compression=100 if request.output_compression is None else request.output_compression,
+        scheduler=resolve_scheduler(limits, request.scheduler),
         loras=request.adapters(),
         lora_field="loras" if request.loras else "lora_path",
         admitted_at=time.time(),

@@ -67,13 +67,21 @@ class ImageServing:
     async def health(self) -> tuple[bool, dict[str, Any]]:
         return await self.readiness.health(self.settings.served_model_name, self.queue, self.settings.max_queue)
 
-    def model_list(self) -> ModelList:
-        return ModelList(data=[self.model_card(name) for name in self.settings.model_names])
+    async def model_list(self) -> ModelList:
+        return ModelList(data=[await self.model_card(name) for name in self.settings.model_names])
 
-    def model_card(self, model_id: str) -> ModelCard:
+    async def model_card(self, model_id: str) -> ModelCard:
+        """OpenAI's model object; with its sizes, modes and schedulers once the worker has loaded it."""
         if model_id not in self.settings.model_names:
             raise model_not_found(model_id, self.settings.model_names)
-        return ModelCard(id=model_id, created=self.started)
+        card = ModelCard(id=model_id, created=self.started)
+        status = await self.readiness.status()
+        for limits in status.models if status.ready else []:
+            if limits.id == model_id:
+                card.native_size = f"{limits.native_width}x{limits.native_height}"
+                card.max_size = f"{limits.max_side}x{limits.max_side}"
+                card.modes, card.schedulers = limits.modes, limits.schedulers
+        return card
 
     async def manage_loras(self, command: LoraCommand, request_id: str) -> LoraReply:
         """Forward an adapter operation to the workers; a failure becomes OpenAI's error."""

@@ -2,7 +2,7 @@
 
 Jobs can share one `pipe(...)` call when everything that applies to the whole call is equal:
 model, mode (text-to-image, image-to-image, inpainting), size, steps, guidance scale, strength,
-and whether a negative prompt is given (SDXL encodes a missing negative prompt as zeros, not as
+scheduler, and whether a negative prompt is given (SDXL encodes a missing negative prompt as zeros, not as
 ""). Prompts, negative prompts, seeds, init images, masks and `n` may differ: each image gets
 its own generator, so it is the image the job would get alone. LoRA adapters and their scales
 may differ too (each image's rows are routed to its own adapters), except for adapters that
@@ -29,6 +29,7 @@ def call_key(job: GenerationJob, adapter_key: Hashable = None) -> Hashable:
         job.num_inference_steps,
         job.guidance_scale,
         job.negative_prompt is None,
+        job.scheduler,
         adapter_key,
     )
 

@@ -21,6 +21,7 @@ from .batching import PipelineCall, group_compatible_jobs
 from .loras import Choice, LoraError
 from .models import ServedModels
 from .previews import InterruptedInsideStep, StepPreviews, StreamTicket, interrupt_inside_steps
+from .schedulers import SchedulerChoice
 from .streams import JobTable
 
 logger = logging.getLogger("hypergen.engine")
@@ -86,6 +87,7 @@ class BatchRunner:
         self.table = table
         self.max_batch_size = max_batch_size
         self.busy: dict[str, Any] | None = None  # the pipeline call running now, for /health
+        self.schedulers: dict[str, SchedulerChoice] = {}  # model → its schedulers by name
 
     def run(self, jobs: list[GenerationJob], tickets: dict[int, StreamTicket] | None = None) -> list[GenerationResult]:
         """Run jobs (in arrival order) as grouped pipeline calls; one result per job. Streaming
@@ -186,6 +188,9 @@ class BatchRunner:
             call.images, call_tickets, lambda job: self._cancelled(batch, job), on_step=lambda done: busy.update(step=done)
         )
         arguments["callback_on_step_end_tensor_inputs"] = ["latents"]
+        own_scheduler = pipe.scheduler
+        if first.scheduler is not None:
+            pipe.scheduler = self.schedulers.setdefault(loaded.name, SchedulerChoice(own_scheduler)).fresh(first.scheduler)
         started = time.perf_counter()
         self.busy = busy
         try:
@@ -196,6 +201,7 @@ class BatchRunner:
             raise CallInterrupted(f"interrupted inside step {busy['step'] + 1} of {first.num_inference_steps}") from None
         finally:
             self.busy = None
+            pipe.scheduler = own_scheduler
         if getattr(pipe, "_interrupt", False):
             raise CallInterrupted(f"interrupted at step {busy['step']} of {first.num_inference_steps}")
         generation_s = time.perf_counter() - started

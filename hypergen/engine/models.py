@@ -16,6 +16,7 @@ from ..metrics import metrics
 from ..protocol import LoraCommand, LoraReply, ModelLimits, WorkerError
 from .loras import LoraError, LoraManager, resolve_allowed_path, shown_path
 from .residency import MB, ModelResidency
+from .schedulers import scheduler_names
 
 logger = logging.getLogger("hypergen.engine")
 
@@ -53,6 +54,7 @@ def model_limits(loaded: Any) -> ModelLimits:
         default_steps=loaded.default_steps,
         default_guidance_scale=loaded.default_guidance_scale,
         modes=list(loaded.modes),
+        schedulers=scheduler_names(loaded.pipe.scheduler),
     )
 
 

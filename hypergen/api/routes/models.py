@@ -15,12 +15,12 @@ router = APIRouter()
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(_key: str | None = Depends(authorized), images: ImageServing = Depends(serving)) -> ModelList:
-    return images.model_list()
+    return await images.model_list()
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def retrieve_model(model_id: str, _key: str | None = Depends(authorized), images: ImageServing = Depends(serving)) -> ModelCard:
-    return images.model_card(model_id)
+    return await images.model_card(model_id)
 
 
 @router.get("/v1/loras")
