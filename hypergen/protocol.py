@@ -17,6 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, 
 
 Mode = Literal["text-to-image", "image-to-image", "inpainting"]
 OutputFormat = Literal["png", "jpeg", "webp"]
+Quality = Literal["low", "medium", "high"]
+# OpenAI's quality names, DALL-E 3's included, onto HyperGen's three step budgets.
+QUALITY_ALIASES: dict[str, Quality] = {
+    "low": "low",
+    "medium": "medium",
+    "auto": "medium",
+    "standard": "medium",
+    "high": "high",
+    "hd": "high",
+}
 
 MAX_PROMPT_CHARS = 32000
 MAX_SEED = 2**63 - 1
@@ -79,10 +89,17 @@ class ImageRequestOptions(BaseModel):
     output_format: OutputFormat | None = Field(default="png", description="Encoding of the returned images.")
     output_compression: int | None = Field(default=100, ge=0, le=100, description="jpeg/webp quality (100 = best).")
     quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = Field(
-        default=None, description="OpenAI's field: accepted and ignored."
+        default=None,
+        description="A step budget: low, medium (= auto, standard) or high (= hd), per model (hypergen.json `quality_steps`); "
+        "num_inference_steps, when given, wins.",
     )
-    background: Literal["transparent", "opaque", "auto"] | None = Field(default=None, description="OpenAI's field: accepted and ignored.")
-    moderation: Literal["low", "auto"] | None = Field(default=None, description="OpenAI's field: accepted and ignored.")
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        default=None, description="transparent needs a model that draws alpha (400 otherwise); opaque and auto give opaque images."
+    )
+    moderation: Literal["low", "auto"] | None = Field(
+        default=None,
+        description="OpenAI's field: accepted; HyperGen runs no moderation model (the model's own safety checker, if any, applies).",
+    )
     stream: bool | None = Field(default=False, description="Server-Sent Events with partial images.")
     partial_images: int | None = Field(default=None, ge=0, le=3, description="Partial images per image when streaming.")
     user: str | None = Field(default=None, description="OpenAI's end-user id: accepted and ignored.")
@@ -180,7 +197,9 @@ class ImageGenerationRequest(PromptFields, ImageRequestOptions):
     "seed": 7, "num_inference_steps": 20}`. Unknown fields are ignored; `null` means "default".
     """
 
-    style: Literal["vivid", "natural"] | None = Field(default=None, description="OpenAI's field: accepted and ignored.")
+    style: Literal["vivid", "natural"] | None = Field(
+        default=None, description="DALL-E 3's field: accepted and ignored (put the style in the prompt)."
+    )
 
 
 class ImageEditRequest(PromptFields, ImageRequestOptions):
@@ -234,8 +253,10 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int = Field(description="Unix time.")
     data: list[ImageData] = Field(description="One entry per image.")
+    background: Literal["transparent", "opaque"] | None = Field(default=None, description="The images' background.")
     output_format: OutputFormat | None = Field(default=None, description="Encoding of the images.")
     size: Literal["1024x1024", "1024x1536", "1536x1024"] | None = Field(default=None, description="Only when it is one of OpenAI's sizes.")
+    quality: Quality | None = Field(default=None, description="The step budget used, when the request chose one by `quality`.")
 
 
 class ModelCard(BaseModel):
@@ -336,6 +357,8 @@ class ModelLimits(BaseModel):
     default_steps: int = 50
     default_guidance_scale: float = 7.5
     modes: list[str] = Field(default_factory=lambda: ["text-to-image"])
+    quality_steps: dict[str, int] = Field(default_factory=dict, description="low / medium / high → steps")
+    transparent: bool = Field(default=False, description="whether it draws images with alpha")
     schedulers: list[str] = Field(default_factory=list, description="the names `scheduler` accepts")
     native_step_s: float | None = Field(
         default=None, description="one denoising step of one image at the native size, measured by the warm-up calls"
@@ -389,6 +412,7 @@ class GenerationJob(BaseModel):
     mask_b64: str | None = Field(default=None, description="mask (PNG, L, 255 = repaint) at width×height")
     strength: float | None = None
     scheduler: str | None = Field(default=None, description="a name from ModelLimits.schedulers; None = the model's own")
+    quality: Quality | None = Field(default=None, description="the step budget the request chose (for its response only)")
     loras: list[LoraChoice] = Field(default_factory=list, description="the adapters, each with its scale (None = its own)")
     lora_field: Literal["lora_path", "loras"] = Field(default="lora_path", description="the field errors about adapters name")
     admitted_at: float = Field(description="time.time() when the API admitted the request")

@@ -7,7 +7,7 @@ import time
 
 from ..codec import encode_image_b64
 from ..errors import OpenAIError, invalid_value, model_not_found, not_ready_error
-from ..protocol import MAX_SEED, GenerationJob, ImageRequestOptions, Mode, ModelLimits
+from ..protocol import MAX_SEED, QUALITY_ALIASES, GenerationJob, ImageRequestOptions, Mode, ModelLimits
 from .uploads import FittedUpload
 
 # Variations have no prompt: an empty one lets the model vary the image freely (guidance then
@@ -60,6 +60,19 @@ def refuse_unaffordable_size(limits: ModelLimits, size: tuple[int, int], timeout
     )
 
 
+def refuse_transparency(limits: ModelLimits, request: ImageRequestOptions) -> None:
+    """`background: transparent` is honoured or refused, never answered with an opaque image."""
+    if request.background != "transparent":
+        return
+    if not limits.transparent:
+        raise invalid_value(
+            "background",
+            f"Model '{limits.id}' draws opaque images only (its autoencoder has no alpha channel); send 'opaque' or 'auto'.",
+        )
+    if request.output_format == "jpeg":
+        raise invalid_value("output_format", "A transparent background needs output_format 'png' or 'webp'; JPEG has no alpha.")
+
+
 def resolve_scheduler(limits: ModelLimits, name: str | None) -> str | None:
     if name is None or name in limits.schedulers:
         return name
@@ -83,6 +96,9 @@ def build_job(
     negative_prompt: str | None,
     size: tuple[int, int],
 ) -> GenerationJob:
+    refuse_transparency(limits, request)
+    quality = QUALITY_ALIASES[request.quality] if request.quality else None
+    steps = request.num_inference_steps or (limits.quality_steps.get(quality) if quality else None) or limits.default_steps
     return GenerationJob(
         request_id=request_id,
         model=limits.id,
@@ -90,7 +106,8 @@ def build_job(
         negative_prompt=negative_prompt,
         width=size[0],
         height=size[1],
-        num_inference_steps=request.num_inference_steps or limits.default_steps,
+        num_inference_steps=steps,
+        quality=quality if request.num_inference_steps is None else None,
         guidance_scale=request.guidance_scale if request.guidance_scale is not None else limits.default_guidance_scale,
         seeds=seeds_for(request.seed, request.n or 1),
         output_format=request.output_format or "png",

@@ -52,13 +52,20 @@ async def images_response(
     else:
         file_ids = await run_in_threadpool(lambda: [store.put(base64.b64decode(image), job.output_format) for image in result.images_b64])
         data = [ImageData(url=f"{base_url.rstrip('/')}/v1/images/files/{file_id}") for file_id in file_ids]
-    return ImagesResponse(created=int(time.time()), data=data, output_format=job.output_format, size=openai_size(job))
+    return ImagesResponse(
+        created=int(time.time()),
+        data=data,
+        background="opaque",
+        output_format=job.output_format,
+        size=openai_size(job),
+        quality=job.quality,
+    )
 
 
 def stream_event(event: WorkerEvent, job: GenerationJob, prefix: str) -> dict[str, Any]:
     """OpenAI's image stream event (`<prefix>.partial_image` / `<prefix>.completed`), or
     HyperGen's `progress`. The schema requires `size`, `quality`, `background`: `auto` unless
-    known; `image_index` tells the images of an `n > 1` request apart."""
+    known (every model served today draws opaque images); `image_index` tells the images of an `n > 1` request apart."""
     if isinstance(event, ProgressEvent):
         return {"type": "progress", "step": event.step, "total_steps": event.total_steps}
     assert isinstance(event, (PartialImageEvent, ImageEvent))
@@ -68,8 +75,8 @@ def stream_event(event: WorkerEvent, job: GenerationJob, prefix: str) -> dict[st
         "b64_json": event.b64_json,
         "created_at": int(time.time()),
         "size": openai_size(job) or "auto",
-        "quality": "auto",
-        "background": "auto",
+        "quality": job.quality or "auto",
+        "background": "opaque",
         "output_format": job.output_format,
     }
     if isinstance(event, PartialImageEvent):

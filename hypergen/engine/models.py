@@ -5,6 +5,7 @@ checkpoint, start-up adapters), finding one by name, their limits, and where the
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -43,6 +44,17 @@ def pipeline_bytes(loaded: Any) -> int:
     return sum(t.numel() * t.element_size() for module in modules.values() for t in (*module.parameters(), *module.buffers()))
 
 
+def quality_steps(loaded: Any) -> dict[str, int]:
+    """`quality` → steps: hypergen.json's `quality_steps` where it says, else 40 % / 100 % / 150 %
+    of the model's recommended steps."""
+    from .pipelines import read_model_defaults
+
+    default = loaded.default_steps
+    steps = {"low": max(1, math.ceil(default * 0.4)), "medium": default, "high": min(150, math.ceil(default * 1.5))}
+    configured = read_model_defaults(loaded.source).get("quality_steps", {})
+    return {name: int(configured.get(name, value)) for name, value in steps.items()}
+
+
 def model_limits(loaded: Any) -> ModelLimits:
     native_side = max(loaded.native_width, loaded.native_height)
     return ModelLimits(
@@ -55,6 +67,7 @@ def model_limits(loaded: Any) -> ModelLimits:
         default_guidance_scale=loaded.default_guidance_scale,
         modes=list(loaded.modes),
         schedulers=scheduler_names(loaded.pipe.scheduler),
+        quality_steps=quality_steps(loaded),
     )
 
 
