@@ -5,17 +5,52 @@ every image file id (a capability) and every probed URL became a new, public ser
 
 Created lazily, on first use: BentoML sets `PROMETHEUS_MULTIPROC_DIR` when its processes
 start, and metrics made before that would not reach the merged `/metrics` output. Gauges use
-`multiprocess_mode="livesum"` so several worker processes add up.
+`multiprocess_mode="livesum"` so several worker processes add up. Each server keeps those files
+in a directory of its own (`use_own_multiprocess_dir`).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import socket
 from functools import lru_cache
+from pathlib import Path
 from types import SimpleNamespace
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+def use_own_multiprocess_dir() -> Path | None:
+    """In the process that starts a server (BentoML's arbiter, which imports the service before
+    it starts anything): give this server its own Prometheus multiprocess directory,
+    `BENTOML_HOME/prometheus/<pid>@<host>`, removed when the server exits; returns it. In the
+    server's own processes (BentoML has set `PROMETHEUS_MULTIPROC_DIR` for them), does nothing.
+
+    BentoML 1.4 uses `BENTOML_HOME/prometheus_multiproc_dir` for every server, honours no
+    environment variable for it, and empties it when a server starts: two servers sharing a
+    BENTOML_HOME deleted each other's files, and `/metrics` showed the other server's counts.
+    Directories left by servers of this host that are gone (killed, never cleaned up) are
+    removed; other hosts' are left alone (a shared BENTOML_HOME may be mounted on several).
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    import psutil
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    parent = Path(BentoMLContainer.bentoml_home.get()) / "prometheus"
+    host = socket.gethostname()
+    if parent.is_dir():
+        for stale in parent.glob(f"*@{host}"):
+            pid = stale.name.split("@", 1)[0]
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+    directory = parent / f"{os.getpid()}@{host}"
+    BentoMLContainer.prometheus_multiproc_dir.set(str(directory))  # BentoML creates it at start
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
 
 
 def exposition() -> tuple[bytes, str]:

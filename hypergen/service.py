@@ -25,8 +25,10 @@ from hypergen.bento import (
 )
 from hypergen.config import load_settings
 from hypergen.logs import access_logging, configure_logging
+from hypergen.metrics import use_own_multiprocess_dir
 from hypergen.protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerStatus
 
+use_own_multiprocess_dir()  # before BentoML picks the one directory every server shares
 settings = load_settings(vars(bentoml.use_arguments()))
 configure_logging(settings.log_level)
 app = create_app(settings.max_body_bytes, settings.max_body_bytes_in_flight)

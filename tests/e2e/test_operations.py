@@ -49,3 +49,26 @@ def test_metrics_are_exported_in_prometheus_text(limited_server):
     assert metric(text, "hypergen_images_generated_total", mode="text-to-image") >= 2
     assert metric(text, "hypergen_batch_images_count") >= 1 and metric(text, "hypergen_queue_wait_seconds_count") >= 1
     assert "hypergen_queue_depth" in text and "hypergen_generation_seconds_bucket" in text
+
+
+def test_two_servers_sharing_one_bentoml_home_keep_their_own_metrics(start_server, tmp_path):
+    """BentoML keeps Prometheus' multiprocess files in BENTOML_HOME/prometheus_multiproc_dir and
+    empties it when a server starts: a second server deleted the first one's files, after which
+    the first one's /metrics showed the second one's counts."""
+    home = tmp_path / "shared-bentoml-home"
+    first = start_server({"BENTOML_HOME": str(home)})
+    first.wait_ready()
+    generate = dict(prompt="a", size="64x64", extra_body={"num_inference_steps": 1})
+    OpenAI(base_url=f"{first.base_url}/v1", api_key="x", max_retries=0).images.generate(**generate)
+    second = start_server({"BENTOML_HOME": str(home)})
+    second.wait_ready()
+    for _ in range(2):
+        OpenAI(base_url=f"{second.base_url}/v1", api_key="x", max_retries=0).images.generate(**generate)
+    for server, requests in ((first, 1), (second, 2)):
+        text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+        assert metric(text, "hypergen_requests_total", route="/v1/images/generations", status="200") == requests, server.base_url
+    directories = sorted((home / "prometheus").iterdir())
+    assert len(directories) == 2 and all(any(directory.iterdir()) for directory in directories)
+    first.stop()
+    second.stop()
+    assert not any((home / "prometheus").iterdir())  # each server removes its own directory on exit
