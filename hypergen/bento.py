@@ -157,6 +157,20 @@ def store_once(name: str, source: Path, labels: dict[str, str], metadata: dict[s
     return str(model.tag)
 
 
+def without_stored_copies(bentofile: dict[str, Any], carried: list[Path], build_context: Path) -> dict[str, Any]:
+    """`bentofile` with every carried source that lies inside the build context excluded from
+    the Bento's `src`: a model or adapter the Bento references in the BentoML store (e.g. the
+    embedded demo model, `hypergen/assets/demo-model`) would otherwise travel twice, once as a
+    store model and once as package files, into every image made from it."""
+    root = build_context.resolve()
+    exclude = list(bentofile.get("exclude", []))
+    for path in (path.resolve() for path in carried):
+        if path.is_relative_to(root):
+            entry = "/" + path.relative_to(root).as_posix() + ("/" if path.is_dir() else "")
+            exclude += [entry] if entry not in exclude else []
+    return {**bentofile, "exclude": exclude}
+
+
 def resolve_model_directory(source: str | None, settings: Settings) -> Path:
     """A local directory holding the model's diffusers files."""
     if not source:

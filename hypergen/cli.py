@@ -10,6 +10,7 @@ Flags map to the `HYPERGEN_*` settings; `serve` runs the same services as `bento
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -64,19 +65,21 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """Import the model and the start-up LoRAs into the BentoML store, then build a Bento whose
-    arguments name them, so the Bento carries all their weights."""
+    """Import the model and the start-up LoRAs into the BentoML store (a version with the same
+    content is reused), then build a Bento whose arguments name them, so the Bento carries all
+    their weights, and whose `src` leaves out the copies of them that live in the source tree."""
     import tempfile
 
     import yaml
 
-    from .bento import default_model_name, import_lora, import_model
+    from .bento import default_model_name, import_lora, import_model, resolve_model_directory, without_stored_copies
     from .config import embedded_lora_specs, load_settings, parse_lora_specs
 
     root = _project_root()
     settings = load_settings()
     tag = import_model(args.model, args.name or default_model_name(args.model), settings)
     arguments = {"model": tag}
+    carried = [resolve_model_directory(args.model, settings)] if not args.model or Path(args.model).is_dir() else []
     specs = parse_lora_specs(",".join(args.lora or []))
     if not args.model and not args.lora:
         # The Bento names the embedded model by its store tag, so the `outline` adapter that
@@ -84,16 +87,24 @@ def cmd_build(args: argparse.Namespace) -> int:
         specs = embedded_lora_specs()
     if specs:
         arguments["loras"] = ",".join(f"{spec.name}={import_lora(spec)}:{spec.scale}" for spec in specs)
-    print(f"imported {', '.join(arguments.values())}; building the Bento")
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        yaml.safe_dump(arguments, handle)
-    command = [sys.executable, "-m", "bentoml", "build", ".", "--arg-file", handle.name]
-    if args.bentofile:
-        command += ["--bentofile", str(Path(args.bentofile).resolve())]
-    try:
+        carried += [Path(spec.source) for spec in specs]
+    print(f"stored {', '.join(arguments.values())}; building the Bento")
+    bentofile = yaml.safe_load((Path(args.bentofile) if args.bentofile else root / "bentofile.yaml").read_text())
+    with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / "args.yaml").write_text(yaml.safe_dump(arguments))
+        (Path(scratch) / "bentofile.yaml").write_text(yaml.safe_dump(without_stored_copies(bentofile, carried, root), sort_keys=False))
+        command = [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "build",
+            ".",
+            "--arg-file",
+            f"{scratch}/args.yaml",
+            "--bentofile",
+            f"{scratch}/bentofile.yaml",
+        ]
         return subprocess.call(command, cwd=root)
-    finally:
-        os.unlink(handle.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("import", "build"):  # say whether each model was stored or reused
+        logging.basicConfig(level=logging.INFO, format="hypergen: %(message)s")
     return args.handler(args)
 
 

@@ -2,27 +2,41 @@
 # Build HyperGen's CPU container image with `bentoml containerize --backend buildah`, start it,
 # and check /health and one generation through the official OpenAI client.
 #
-#   sudo scripts/build_image.sh            # as root: buildah needs it here (no Docker daemon)
+#   pip install -c constraints.txt torch==2.13.0 -e '.[client]'   # the README's install
+#   scripts/build_image.sh                  # as root: buildah needs it here (no Docker daemon)
+#   sudo env "PATH=$PATH" scripts/build_image.sh    # from a venv, as another user
 #
 # Steps: install buildah + debootstrap (Debian packages) if missing; bootstrap a local base
 # image that stands in for `python:3.11-slim` (Debian bookworm has Python 3.11; the host's CA
 # bundle goes in so the build reaches the package registries); build a Bento that carries the
-# embedded model and the CPU torch wheel (`python.wheels`, instead of multi-GB CUDA wheels);
-# containerize it; run it with `buildah run` on the host network; ask it for a picture.
+# embedded model (`hypergen build`: the store copy only) and names the CPU torch build; containerize
+# it with scripts/cpu-image.Dockerfile.j2 (BentoML's Dockerfile without compilers or caches)
+# while the torch wheel and constraints.txt are mounted into the build, never copied into the
+# image; run it with `buildah run` on the host network; ask it for a picture.
 #
 # Settings (environment): IMAGE (hypergen:cpu), PORT (3300), WORK (/var/tmp/hypergen-image),
-# STORAGE_DRIVER (overlay, falling back to vfs), KEEP_RUNNING=1 to leave the container serving.
+# STORAGE_DRIVER (overlay, falling back to vfs), KEEP_RUNNING=1 to leave the container serving,
+# PYTHON (python3: the interpreter HyperGen is installed in), TORCH_WHEEL (a CPU torch wheel;
+# default: `pip download torch==<installed version>`, which must resolve to a +cpu build, e.g.
+# with PIP_EXTRA_INDEX_URL naming PyTorch's CPU index).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 IMAGE=${IMAGE:-hypergen:cpu}
 PORT=${PORT:-3300}
 WORK=${WORK:-/var/tmp/hypergen-image}
+PYTHON=${PYTHON:-python3}
 CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 BASE_IMAGE=localhost/python:3.11-slim
 export BUILDAH_ISOLATION=chroot
 mkdir -p "$WORK"
 
+if ! "$PYTHON" -c "import hypergen, openai, torch, yaml" 2>/dev/null; then
+    echo "$PYTHON cannot import hypergen, openai and torch: install HyperGen first (README:" >&2
+    echo "  pip install -c constraints.txt torch==2.13.0 -e '.[client]'), and run this script with that" >&2
+    echo "  environment's python (PYTHON=/path/to/venv/bin/python, or sudo env \"PATH=\$PATH\" ...)." >&2
+    exit 1
+fi
 step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 step "tools"
@@ -71,29 +85,45 @@ if ! buildah images --quiet "$BASE_IMAGE" >/dev/null 2>&1; then
     rm -rf "$rootfs"
 fi
 
-step "building the Bento (embedded model + CPU torch wheel)"
-wheels="$ROOT/build/wheels"  # inside the build context: BentoML takes only relative wheel paths
-mkdir -p "$wheels"
-python3 -m pip download --no-deps --dest "$wheels" "torch==$(python3 -c 'import torch; print(torch.__version__.split("+")[0])')" >/dev/null
-torch_wheel=$(ls "$wheels"/torch-*.whl | head -1)
-case "$torch_wheel" in *+cpu*) ;; *) echo "expected a CPU torch wheel, got $torch_wheel" >&2; exit 1 ;; esac
-python3 - "$ROOT" "$WORK/bentofile-cpu.yaml" "$torch_wheel" <<'PY'
-import os, sys, yaml
+step "building the Bento (embedded model in the store, CPU torch named)"
+inputs="$WORK/build-inputs"  # mounted into the image build at /build-inputs, never copied into it
+rm -rf "$inputs" && mkdir -p "$inputs"
+torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')
+if [[ -n "${TORCH_WHEEL:-}" ]]; then
+    cp "$TORCH_WHEEL" "$inputs/"
+else
+    "$PYTHON" -m pip download --no-deps --dest "$inputs" "torch==$torch_version" >/dev/null
+fi
+torch_wheel=$(ls "$inputs"/torch-*.whl | head -1)
+case "$torch_wheel" in *+cpu*) ;; *) echo "expected a CPU torch wheel, got $torch_wheel (set TORCH_WHEEL)" >&2; exit 1 ;; esac
+cp "$ROOT/constraints.txt" "$inputs/"
+"$PYTHON" - "$ROOT" "$WORK/bentofile-cpu.yaml" "$torch_wheel" <<'PY'
+import os, re, sys, yaml
 root, target, wheel = sys.argv[1:]
 config = yaml.safe_load(open(os.path.join(root, "bentofile.yaml")))
 python = config["python"]
-python["wheels"] = [os.path.relpath(wheel, root)]  # BentoML takes wheels relative to the build context
-# The Bento's install script runs in env/python, next to wheels/: naming the wheel file as the
-# torch requirement makes the resolver take it there, so peft and accelerate pull no CUDA torch.
+# Name the CPU build exactly (e.g. torch==2.13.0+cpu): only the wheel in /build-inputs has that
+# version, so the resolver takes it there and peft and accelerate pull no CUDA torch; every
+# other version comes from constraints.txt, as in the README's install.
+torch = "torch==" + re.match(r"torch-([^-]+)-", os.path.basename(wheel)).group(1)
 requirements = [line.strip() for line in open(os.path.join(root, python.pop("requirements_txt")))]
-requirements = [line for line in requirements if line and not line.startswith("#")]
-python["packages"] = [f"./wheels/{os.path.basename(wheel)}" if p.startswith("torch") else p for p in requirements]
+python["packages"] = [torch if line.startswith("torch") else line for line in requirements if line and not line.startswith("#")]
+python["find_links"] = ["/build-inputs"]
+python["pip_args"] = "--constraint /build-inputs/constraints.txt"
+config["docker"]["dockerfile_template"] = "scripts/cpu-image.Dockerfile.j2"
 yaml.safe_dump(config, open(target, "w"), sort_keys=False)
 PY
-(cd "$ROOT" && python3 -m hypergen.cli build --bentofile "$WORK/bentofile-cpu.yaml")
+# `hypergen build` reuses the store's model versions when their content is unchanged, and leaves
+# the copies under hypergen/assets out of the Bento (the store carries them).
+(cd "$ROOT" && "$PYTHON" -m hypergen.cli build --bentofile "$WORK/bentofile-cpu.yaml")
 
 step "bentoml containerize --backend buildah -> $IMAGE"
-python3 -m bentoml containerize hypergen:latest --backend buildah --image-tag "$IMAGE"
+# BentoML 1.4.36+ refuses a Bento's dockerfile_template at containerize time unless its temporary
+# build context lies under the working directory (BentoML issue #5566): run it from its TMPDIR.
+context="$WORK/context"
+rm -rf "$context" && mkdir -p "$context"
+(cd "$context" && TMPDIR="$context" "$PYTHON" -m bentoml containerize hypergen:latest --backend buildah --image-tag "$IMAGE" \
+    --opt "volume=$inputs:/build-inputs:ro")
 buildah images "$IMAGE"
 
 step "starting the image on port $PORT"
@@ -119,7 +149,7 @@ done
 curl -fsS "http://127.0.0.1:$PORT/health"; echo
 
 step "one generation through the official client"
-(cd "$ROOT" && python3 - "$PORT" <<'PY'
+(cd "$ROOT" && "$PYTHON" - "$PORT" <<'PY'
 import base64, io, sys
 from openai import OpenAI
 from PIL import Image

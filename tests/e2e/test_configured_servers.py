@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import subprocess
 import sys
 import threading
@@ -109,14 +110,22 @@ def test_a_model_that_cannot_load_keeps_health_503_with_the_reason(start_server,
 
 def test_a_built_bento_carries_the_model_and_serves_it(start_server, bentoml_home, tmp_path):
     env = {"BENTOML_HOME": str(bentoml_home), "HYPERGEN_HOME": str(tmp_path / "build-home"), "BENTOML_DO_NOT_TRACK": "true"}
-    build = subprocess.run(
-        [sys.executable, "-m", "hypergen.cli", "build"], cwd=ROOT, env={**__import__("os").environ, **env},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert build.returncode == 0, build.stdout + build.stderr
-    bento_dirs = sorted((bentoml_home / "bentos" / "hypergen").glob("*/bento.yaml"))
-    assert bento_dirs, build.stdout
-    info = yaml.safe_load(bento_dirs[-1].read_text())
+    built = []
+    for _ in range(2):  # the second build stores no new model versions
+        build = subprocess.run(
+            [sys.executable, "-m", "hypergen.cli", "build"], cwd=ROOT, env={**__import__("os").environ, **env},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert build.returncode == 0, build.stdout + build.stderr
+        tag = re.search(r'Successfully built Bento\(tag="hypergen:(\w+)"\)', build.stdout).group(1)
+        built.append(yaml.safe_load((bentoml_home / "bentos" / "hypergen" / tag / "bento.yaml").read_text()))
+    first, info = built
+    assert first["args"] == info["args"]
+    for name in ("hypergen-tiny-sd", "hypergen-lora-outline"):
+        assert len(list((bentoml_home / "models" / name).glob("*/model.yaml"))) == 1, name
+    # The store carries the weights; the Bento's src does not carry them a second time.
+    src = bentoml_home / "bentos" / "hypergen" / info["version"] / "src"
+    assert (src / "hypergen" / "service.py").is_file() and not (src / "hypergen" / "assets").exists()
     worker = next(service for service in info["services"] if service["name"] == "hypergen-worker")
     model_tag = worker["models"][0]["tag"]
     assert model_tag.startswith("hypergen-tiny-sd:") and info["args"]["model"] == model_tag
