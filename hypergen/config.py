@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "hypergen-tiny-sd"
@@ -24,6 +24,31 @@ DEFAULT_MODEL_NAME = "hypergen-tiny-sd"
 # process reads the start-up adapters too, and stays free of torch.
 EMBEDDED_LORA_NAME = "outline"
 EMBEDDED_LORA_DIR = Path(__file__).resolve().parent / "assets" / "demo-lora"
+
+
+# HYPERGEN_ATTENTION_BACKEND values: torch's scaled_dot_product_attention kernels by their short names.
+ATTENTION_BACKENDS = ("default", "flash", "efficient", "math", "cudnn")
+# The boolean levers and the words pydantic reads as booleans (strings other than these are refused
+# with a message that names the variable).
+LEVER_FLAGS = ("channels_last", "torch_compile", "fuse_qkv", "vae_tiling", "vae_slicing")
+BOOLEAN_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off")
+
+
+@dataclass(frozen=True)
+class PipelineLevers:
+    """Speed levers applied to a pipeline when it is loaded; the defaults leave it as diffusers made it."""
+
+    attention_backend: str = "default"
+    channels_last: bool = False
+    torch_compile: bool = False
+    fuse_qkv: bool = False
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+
+    def enabled(self) -> list[str]:
+        """`["attention_backend=flash", "channels_last"]`: the levers that are on, for logs and reports."""
+        names = [f"attention_backend={self.attention_backend}"] if self.attention_backend != "default" else []
+        return names + [name for name in LEVER_FLAGS if getattr(self, name)]
 
 
 class Settings(BaseSettings):
@@ -41,6 +66,9 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(default=None, description="comma-separated keys; unset = auth off")
     max_queue: int = Field(default=100, ge=0)
     max_batch_size: int = Field(default=8, ge=1, le=64)
+    max_batch_wait_ms: float = Field(
+        default=100.0, ge=0, description="longest wait for requests expected to join a batch (0 = never wait)"
+    )
     public_url: str | None = None
     url_ttl: float = Field(default=3600.0, gt=0)
     default_response_format: Literal["url", "b64_json"] = "b64_json"
@@ -67,6 +95,16 @@ class Settings(BaseSettings):
     memory_budget_mb: float = Field(
         default=0.0, ge=0, description="device memory for model weights; idle models beyond it are offloaded (0 = no limit)"
     )
+    # Speed levers, applied when a pipeline is loaded (`engine.pipelines.apply_levers`); all off by
+    # default. `python -m bench.gpu` measures each one on and off (README, "GPU benchmark").
+    attention_backend: Literal["default", "flash", "efficient", "math", "cudnn"] = Field(
+        default="default", description="preferred SDPA kernel: default (torch's choice), flash, efficient, math or cudnn"
+    )
+    channels_last: bool = Field(default=False, description="UNet and VAE in channels_last memory format")
+    torch_compile: bool = Field(default=False, description="torch.compile the UNet/transformer (the first calls compile)")
+    fuse_qkv: bool = Field(default=False, description="fuse the attention q/k/v projections (pipe.fuse_qkv_projections)")
+    vae_tiling: bool = Field(default=False, description="decode large images tile by tile (less memory)")
+    vae_slicing: bool = Field(default=False, description="decode a batch one image at a time (less memory)")
 
     @field_validator("models")
     @classmethod
@@ -85,6 +123,32 @@ class Settings(BaseSettings):
     def _rate_limit_parses(cls, value: str | None) -> str | None:
         parse_rate_limit(value)
         return value
+
+    @field_validator("attention_backend", mode="before")
+    @classmethod
+    def _attention_backend_known(cls, value: object) -> str:
+        text = str(value).strip().lower() or "default"
+        if text not in ATTENTION_BACKENDS:
+            raise ValueError(f"HYPERGEN_ATTENTION_BACKEND={value!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+        return text
+
+    @field_validator(*LEVER_FLAGS, mode="before")
+    @classmethod
+    def _lever_flag_is_a_boolean(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, str) and value.strip().lower() not in BOOLEAN_WORDS:
+            raise ValueError(f"HYPERGEN_{info.field_name.upper()}={value!r} is not a boolean: use one of {', '.join(BOOLEAN_WORDS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _fused_projections_take_no_adapters(self) -> Settings:
+        # A fused projection (to_qkv) bypasses the to_q/to_k/to_v layers that LoRA adapters patch:
+        # measured on the demo model, its adapter then changed the image about half as much as it should.
+        if self.fuse_qkv and (self.lora_specs or self.lora_dir_list):
+            raise ValueError(
+                "HYPERGEN_FUSE_QKV=true cannot serve LoRA adapters (fused projections skip their q/k/v weights): "
+                'unset HYPERGEN_LORAS and HYPERGEN_LORA_DIRS (HYPERGEN_LORAS="" for the embedded model\'s adapter)'
+            )
+        return self
 
     @field_validator("api_keys")
     @classmethod
@@ -116,6 +180,18 @@ class Settings(BaseSettings):
     @cached_property
     def rate_rules(self) -> list[RateRule]:
         return parse_rate_limit(self.rate_limit)
+
+    @property
+    def levers(self) -> PipelineLevers:
+        """The speed levers every loaded pipeline gets."""
+        return PipelineLevers(
+            attention_backend=self.attention_backend,
+            channels_last=self.channels_last,
+            torch_compile=self.torch_compile,
+            fuse_qkv=self.fuse_qkv,
+            vae_tiling=self.vae_tiling,
+            vae_slicing=self.vae_slicing,
+        )
 
     @property
     def model_names(self) -> list[str]:

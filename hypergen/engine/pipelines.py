@@ -6,6 +6,7 @@ diffusers, which the API process must stay free of.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..config import PipelineLevers
 
 logger = logging.getLogger("hypergen.pipelines")
 
@@ -45,6 +49,8 @@ class LoadedPipeline:
     load_seconds: float
     # "text-to-image" → pipe; "image-to-image" / "inpainting" → pipelines sharing its weights.
     modes: dict[str, Any] = field(default_factory=dict)
+    # The speed levers applied at load; every call of these pipelines runs in `call_context(levers)`.
+    levers: PipelineLevers = field(default_factory=PipelineLevers)
 
 
 def choose_device(requested: str | None = None) -> str:
@@ -67,8 +73,9 @@ def choose_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
-def load_text_to_image(name: str, source: str, device: str | None = None) -> LoadedPipeline:
-    """Load a diffusers pipeline from a local directory or a Hub id, ready for text-to-image."""
+def load_text_to_image(name: str, source: str, device: str | None = None, levers: PipelineLevers | None = None) -> LoadedPipeline:
+    """Load a diffusers pipeline from a local directory or a Hub id, ready for text-to-image, with
+    the speed `levers` applied (default: none)."""
     from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
     started = time.perf_counter()
@@ -83,6 +90,8 @@ def load_text_to_image(name: str, source: str, device: str | None = None) -> Loa
     logger.info("model '%s': %s read in %.2fs", name, describe_components(pipe), time.perf_counter() - started)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    levers = levers or PipelineLevers()
+    apply_levers(pipe, levers)
     width, height = native_size(pipe)
     defaults = read_model_defaults(source)
     modes = derive_mode_pipelines(pipe)
@@ -100,6 +109,7 @@ def load_text_to_image(name: str, source: str, device: str | None = None) -> Loa
         random_weights=bool(defaults.get("random_weights", False)),
         load_seconds=time.perf_counter() - started,
         modes=modes,
+        levers=levers,
     )
 
 
@@ -117,13 +127,102 @@ def describe_components(pipe: Any) -> str:
     return f"{type(pipe).__name__} [{', '.join(parts)}]"
 
 
-def load_inpainting(source: str, device: str, dtype: Any) -> Any:
+def load_inpainting(source: str, device: str, dtype: Any, levers: PipelineLevers | None = None) -> Any:
     """A dedicated inpainting checkpoint (e.g. a 9-channel SD inpainting UNet): its own weights."""
     from diffusers import AutoPipelineForInpainting
 
     pipe = AutoPipelineForInpainting.from_pretrained(source, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
+    apply_levers(pipe, levers or PipelineLevers())
     return pipe
+
+
+# --- speed levers (HYPERGEN_ATTENTION_BACKEND, _CHANNELS_LAST, _TORCH_COMPILE, _FUSE_QKV, _VAE_*) ---
+
+# torch's own preference among its SDPA kernels (`torch._C._get_sdp_priority_order()`).
+SDPA_DEFAULT_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION)
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+
+
+def sdpa_priority(attention_backend: str) -> list[SDPBackend] | None:
+    """The SDPA kernels in the order tried for a HYPERGEN_ATTENTION_BACKEND value; None = torch's default.
+
+    The named kernel comes first and the others follow in torch's order, so an input it cannot take
+    (flash attention stops at head dim 256; the SD VAE's attention has one 512-wide head, and the
+    CPU has no efficient or cuDNN kernel) falls back to the next kernel instead of failing.
+    """
+    if attention_backend == "default":
+        return None
+    preferred = SDPA_BACKENDS[attention_backend]
+    return [preferred, *(backend for backend in SDPA_DEFAULT_ORDER if backend != preferred)]
+
+
+def call_context(levers: PipelineLevers | None) -> contextlib.AbstractContextManager[Any]:
+    """Enter around every pipeline call: it selects the attention kernels the levers prefer.
+
+    torch reads the SDPA kernel choice at each attention call (and `torch.compile` at tracing),
+    from process-wide flags that this context sets and restores.
+    """
+    order = sdpa_priority(levers.attention_backend) if levers else None
+    return sdpa_kernel(order, set_priority=True) if order else contextlib.nullcontext()
+
+
+def denoiser_of(pipe: Any) -> Any:
+    """The model run at every step: `unet` (SD, SDXL) or `transformer` (FLUX, SD3, PixArt...)."""
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+
+
+def apply_levers(pipe: Any, levers: PipelineLevers) -> list[str]:
+    """Apply the load-time levers to `pipe` in place; returns those applied (a lever the pipeline
+    has no use for, e.g. fused projections on a model without them, is logged and skipped).
+
+    Order matters: projections are fused before compiling, so the compiled graph uses them.
+    `torch_compile` compiles the denoiser in place (`nn.Module.compile`: same module, same
+    state-dict keys, so LoRA loading and `from_pipe` keep working); the first call at each new
+    shape pays the compilation.
+    """
+    applied: list[str] = []
+    denoiser = denoiser_of(pipe)
+    vae = getattr(pipe, "vae", None)
+    if levers.fuse_qkv:
+        applied += _fuse_qkv(pipe, denoiser)
+    if levers.channels_last:
+        for part in (denoiser, vae):
+            if isinstance(part, torch.nn.Module):
+                part.to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    for lever, method in (("vae_tiling", "enable_tiling"), ("vae_slicing", "enable_slicing")):
+        if getattr(levers, lever):
+            if hasattr(vae, method):
+                getattr(vae, method)()
+                applied.append(lever)
+            else:
+                logger.warning("%s: this pipeline's VAE (%s) has no %s(); skipped", lever, type(vae).__name__, method)
+    if levers.torch_compile and isinstance(denoiser, torch.nn.Module):
+        denoiser.compile()
+        applied.append("torch_compile")
+    if levers.attention_backend != "default":
+        applied.append(f"attention_backend={levers.attention_backend}")  # applied per call: call_context
+    if applied:
+        logger.info("speed levers on: %s", ", ".join(applied))
+    return applied
+
+
+def _fuse_qkv(pipe: Any, denoiser: Any) -> list[str]:
+    """Fuse q/k/v (and cross-attention k/v) projections into one matmul each, where the model allows."""
+    # SD/SDXL pipelines fuse the UNet and the VAE; others (FLUX) only offer it on the transformer.
+    target = pipe if hasattr(pipe, "fuse_qkv_projections") else denoiser
+    try:
+        target.fuse_qkv_projections()
+    except (AttributeError, ValueError) as error:  # e.g. attention with added k/v projections
+        logger.warning("fuse_qkv: %s cannot fuse its projections (%s); skipped", type(pipe).__name__, error)
+        return []
+    return ["fuse_qkv"]
 
 
 def derive_mode_pipelines(pipe: Any) -> dict[str, Any]:
