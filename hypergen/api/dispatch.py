@@ -22,6 +22,7 @@ from ..config import Settings
 from ..errors import OpenAIError, from_worker, generation_failed, queue_full_error, shutting_down_error, timeout_error
 from ..metrics import metrics
 from ..protocol import DoneEvent, GenerationJob, GenerationResult, WorkerEvent
+from .forming import BatchFormer
 from .pool import WorkerPool
 from .queue import AdmissionQueue, QueueClosed, QueueFull
 from .readiness import Readiness
@@ -87,6 +88,7 @@ class Dispatcher:
         # Each worker takes up to a batch at once; more waiting would only add to BentoML's queue.
         self.queue = AdmissionQueue(settings.max_queue, max_in_flight=settings.max_batch_size * worker.size, on_change=_queue_gauges)
         self.recent_call_s = 0.0  # moving average of pipeline-call durations, for wait estimates
+        self.former = BatchFormer(worker, settings.max_batch_size, settings.max_batch_wait_ms / 1000)
         self._background: set[asyncio.Task[Any]] = set()
 
     def deadline(self) -> float:
@@ -107,7 +109,7 @@ class Dispatcher:
         async with self.supervised(job, deadline) as outcome:
             admission = await self.admit(deadline)
             try:
-                result = (await self.worker.generate([job]))[0]
+                result = await self.former.generate(job)
             finally:
                 await admission.release()
             outcome.result = self._checked(job, result)

@@ -77,7 +77,7 @@ def test_concurrent_requests_with_different_schedulers_each_get_their_solo_image
         return together, alone
 
     together, alone = run(scenario())
-    for name, concurrent, solo in zip(names, together, alone):
-        assert np.array_equal(pixels(concurrent.data[0].b64_json), pixels(solo.data[0].b64_json)), name
+    for name, concurrent, solo in zip(names, together, alone):  # batched with the others of its scheduler
+        assert np.abs(pixels(concurrent.data[0].b64_json) - pixels(solo.data[0].b64_json)).mean() <= 1.0, name
     with pytest.raises(openai.BadRequestError):
         run(request("flow_euler", 1))
