@@ -8,7 +8,8 @@ is needed: the requests answered by one call come back a few milliseconds apart,
 used to take the first alone and the rest in a second call (1 + 3 at concurrency 4). So when a
 worker is free and fewer images wait than the last call carried (plus those that were already
 waiting when it ended), the batch waits a moment for the others: at most 5 % of the recent call time, and never more than `max_wait_s`. A lone
-client (last call: one image) never waits.
+client (last call: one image) never waits. With several workers, each call takes at most its
+worker's fair share of what waits and runs, so one worker does not take everything.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class BatchFormer:
     expected_images: int = 1  # the last call's images plus those waiting when it ended: the company to wait for
     _pending: list[_Waiting] = field(default_factory=list)
     _calls: int = 0
+    _in_flight_images: int = 0
     _free_since: float = 0.0  # when a call last finished: the wait for company counts from then
     _timer: asyncio.TimerHandle | None = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -73,12 +75,15 @@ class BatchFormer:
             if images < min(self.expected_images, self.max_images) and loop.time() < ready_at:
                 self._timer = loop.call_at(ready_at, self._flush)
                 return
+            # With several workers, a call takes its worker's fair share of the work in the system.
+            limit = min(self.max_images, -(-(images + self._in_flight_images) // self.pool.size))
             batch = [self._pending.pop(0)]
             images = batch[0].job.n
-            while self._pending and images + self._pending[0].job.n <= self.max_images:
+            while self._pending and images + self._pending[0].job.n <= limit:
                 images += self._pending[0].job.n
                 batch.append(self._pending.pop(0))
             self._calls += 1
+            self._in_flight_images += images
             task = loop.create_task(self._call(batch, images))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -104,6 +109,7 @@ class BatchFormer:
             self.recent_call_s = seconds if not self.recent_call_s else 0.8 * self.recent_call_s + 0.2 * seconds
         finally:
             self._calls -= 1
+            self._in_flight_images -= images
             # The clients of this call will likely come back, besides those already waiting.
             waiting = sum(item.job.n for item in self._pending if not item.future.done())
             self.expected_images, self._free_since = images + waiting, loop.time()

@@ -112,3 +112,18 @@ def test_the_wait_for_company_is_a_small_share_of_a_call_and_bounded(recent, exp
     batches = former(SteppedWorker())
     batches.recent_call_s = recent
     assert batches.window() == pytest.approx(expected)
+
+
+def test_with_two_workers_each_call_takes_a_fair_share():
+    workers = [SteppedWorker(call_s=0.05), SteppedWorker(call_s=0.08)]
+    pool = WorkerPool(workers, ["a", "b"], warm_up_calls=0)
+    for load in pool.loads:
+        load.ready = True
+    batches = BatchFormer(pool, 8, 0.1)
+
+    async def scenario():
+        await asyncio.gather(*(batches.generate(job(f"r{index}")) for index in range(8)))
+
+    asyncio.run(scenario())
+    served = [sum(len(call) for call in worker.calls) for worker in workers]
+    assert sum(served) == 8 and min(served) >= 3, served
