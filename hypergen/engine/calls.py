@@ -18,9 +18,10 @@ from ..codec import decode_image_b64, encode_image_b64
 from ..metrics import metrics
 from ..protocol import GenerationJob, GenerationResult, WorkerError
 from .batching import PipelineCall, group_compatible_jobs
-from .loras import Choice, LoraError
+from .guidance import call_parameters, guidance_arguments
+from .loras import Choice, LoraError, RoutingError
 from .models import ServedModels
-from .previews import InterruptedInsideStep, StepPreviews, StreamTicket, interrupt_inside_steps
+from .previews import InterruptedInsideStep, StepPreviews, StreamTicket, interrupt_inside_steps, step_callback_arguments
 from .schedulers import SchedulerChoice
 from .streams import JobTable
 
@@ -147,6 +148,8 @@ class BatchRunner:
             for job_index in call.job_indices:
                 batch.fail(job_index, WorkerError(message=f"cancelled: {interrupted}", status=499))
             return
+        except RoutingError as error:  # the adapters are now marked unroutable (LoraManager.routed)
+            logger.info("per-image adapters do not fit this model (%s): running the call's requests one by one", error)
         except Exception as error:
             ids = ", ".join(batch.jobs[index].request_id for index in call.job_indices)
             logger.error("pipeline call for requests [%s] failed: %s\n%s", ids, error, traceback.format_exc())
@@ -173,7 +176,7 @@ class BatchRunner:
         pipe = loaded.modes.get(first.mode)
         if pipe is None:
             raise ValueError(f"model '{first.model}' cannot do {first.mode}")
-        arguments = call_arguments(batch.jobs, call)
+        arguments = call_arguments(batch.jobs, call, pipe)
         started_at = time.time()
         busy = {
             "requests": [batch.jobs[job].request_id for job in call.job_indices],
@@ -184,10 +187,14 @@ class BatchRunner:
             "started_at": started_at,
         }
         call_tickets = {job: batch.tickets[job] for job in call.job_indices if job in batch.tickets}
-        arguments["callback_on_step_end"] = StepPreviews(
-            call.images, call_tickets, lambda job: self._cancelled(batch, job), on_step=lambda done: busy.update(step=done)
+        previews = StepPreviews(
+            call.images,
+            call_tickets,
+            lambda job: self._cancelled(batch, job),
+            on_step=lambda done: busy.update(step=done),
+            total_steps=first.num_inference_steps,
         )
-        arguments["callback_on_step_end_tensor_inputs"] = ["latents"]
+        arguments.update(step_callback_arguments(pipe, previews))
         own_scheduler = pipe.scheduler
         if first.scheduler is not None:
             pipe.scheduler = self.schedulers.setdefault(loaded.name, SchedulerChoice(own_scheduler)).fresh(first.scheduler)
@@ -246,17 +253,18 @@ class BatchRunner:
         )
 
 
-def call_arguments(jobs: list[GenerationJob], call: PipelineCall) -> dict[str, Any]:
-    """The pipeline's arguments for one call: per-image prompts and generators; the size for
-    text-to-image, init images (and masks, strength) for edits."""
+def call_arguments(jobs: list[GenerationJob], call: PipelineCall, pipe: Any) -> dict[str, Any]:
+    """The arguments of `pipe` for one call: per-image prompts and generators, guidance and
+    negative prompts as the pipeline takes them; the size for text-to-image, init images (and
+    masks, strength) for edits."""
     import torch
 
     first = jobs[call.images[0][0]]
+    negative_prompts = None if first.negative_prompt is None else [jobs[job].negative_prompt for job, _ in call.images]
     arguments: dict[str, Any] = {
         "prompt": [jobs[job].prompt for job, _ in call.images],
-        "negative_prompt": None if first.negative_prompt is None else [jobs[job].negative_prompt for job, _ in call.images],
+        **guidance_arguments(pipe, first.guidance_scale, negative_prompts, len(call.images)),
         "num_inference_steps": first.num_inference_steps,
-        "guidance_scale": first.guidance_scale,
         # CPU generators: the same seed gives the same image on any device.
         "generator": [torch.Generator("cpu").manual_seed(jobs[job].seeds[image]) for job, image in call.images],
         "output_type": "pil",
@@ -272,5 +280,6 @@ def call_arguments(jobs: list[GenerationJob], call: PipelineCall) -> dict[str, A
     arguments["strength"] = first.strength
     if first.mode == "inpainting":
         arguments["mask_image"] = [decoded[job][1] for job, _ in call.images]
+    if "width" in call_parameters(type(pipe)):  # else the pipeline draws at the image's size (SD's image-to-image)
         arguments["width"], arguments["height"] = first.width, first.height
     return arguments

@@ -144,6 +144,8 @@ class LoraManager:
         shown = shown or source
         if name in self._adapters:
             raise LoraError(f"An adapter named '{name}' is already loaded; unload it first.", status=409)
+        if not hasattr(self.pipe, "load_lora_weights"):
+            raise LoraError(f"This model ({type(self.pipe).__name__}) cannot take LoRA adapters: diffusers has no LoRA loader for it.")
         location = self._locate(source)
         self._make_room(protect)
         key = adapter_key(name)
@@ -217,6 +219,15 @@ class LoraManager:
         handles = [layer.register_forward_hook(router, with_kwargs=True) for layer in layers.values()]
         try:
             yield
+        except RoutingError as error:
+            # This model feeds some LoRA layer rows that are not whole images (Z-Image embeds all
+            # images' patches as one sequence): its adapters get calls of their own from now on.
+            for choices in per_image:
+                for adapter, _ in choices:
+                    if adapter.routable:
+                        adapter.routable = False
+                        logger.info("LoRA '%s' cannot be routed per image on this model (%s): its calls are its own", adapter.name, error)
+            raise
         finally:
             for handle in handles:
                 handle.remove()
@@ -294,11 +305,18 @@ class RoutingError(RuntimeError):
     """A LoRA layer saw a batch whose rows are not whole copies of the call's images."""
 
 
+# Copies of the batch a layer may see: classifier-free guidance doubles it, a few pipelines
+# (InstructPix2Pix) triple it. More rows than that are not images but tokens of several images
+# flattened into one sequence, which cannot be told apart by row.
+MAX_ROWS_PER_IMAGE = 4
+
+
 class RowRouter:
     """A forward hook for peft LoRA layers (with adapters disabled, so a layer returns its base
     output) that adds each row's own adapters. Row r of a layer's input belongs to image
-    r % images: diffusers stacks classifier-free guidance as [unconditional; conditional], and
-    text encoders see one row per image."""
+    r % images: diffusers stacks classifier-free guidance as [unconditional; conditional] (or
+    runs it as a second call), and text encoders see one row per image. A layer that sees any
+    other number of rows raises `RoutingError` (the call is then retried job by job)."""
 
     def __init__(self, per_image: list[list[tuple[str, float]]]) -> None:
         self.images = len(per_image)
@@ -312,7 +330,7 @@ class RowRouter:
         """For each adapter: the rows that use it and their scales (cached per row count)."""
         import torch
 
-        if rows % self.images:
+        if rows % self.images or rows > MAX_ROWS_PER_IMAGE * self.images:
             raise RoutingError(f"a LoRA layer saw {rows} rows for a call of {self.images} images")
         cached = self._plans.get((rows, device))
         if cached is None:

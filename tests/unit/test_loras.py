@@ -145,3 +145,16 @@ def test_dora_layers_cannot_be_routed_and_odd_row_counts_are_refused():
     assert all(can_route(layer, "a") and not can_route(layer, "b") for layer in layers)
     with pytest.raises(RoutingError):
         RowRouter([[("a", 1.0)], []]).plan(3, torch.device("cpu"))
+
+
+def test_rows_that_are_tokens_of_several_images_are_refused():
+    """Z-Image embeds the patches of every image as one flattened sequence: 2 images × 64 tokens
+    are 128 rows, divisible by 2 but not rows of images."""
+    import torch
+
+    from hypergen.engine.loras import RoutingError, RowRouter
+
+    router = RowRouter([[("a", 1.0)], []])
+    assert router.plan(4, torch.device("cpu"))["a"][0].tolist() == [0, 2]  # guidance: two copies
+    with pytest.raises(RoutingError):
+        router.plan(128, torch.device("cpu"))
