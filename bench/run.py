@@ -152,17 +152,20 @@ def run_load(base_url: str, concurrency: int, requests: int, body: dict[str, Any
 
 
 def bench_server(
-    model_dir: str, max_batch_size: int, levels: list[int], requests: int, body: dict[str, Any], work: Path
+    model_dir: str, max_batch_size: int, levels: list[int], requests: int, body: dict[str, Any], work: Path, checkout: Path | None = None
 ) -> list[dict[str, Any]]:
+    """The server (from `checkout`, default this tree) under closed-loop load at each level."""
     from hypergen.testing import BentoServer
+    from hypergen.testing.server import PROJECT_ROOT
 
+    label = f"{max_batch_size}-{checkout.name}" if checkout else str(max_batch_size)
     env = {
         "HYPERGEN_MODEL": model_dir,
         "HYPERGEN_MAX_BATCH_SIZE": str(max_batch_size),
-        "HYPERGEN_HOME": str(work / f"home-{max_batch_size}"),
+        "HYPERGEN_HOME": str(work / f"home-{label}"),
         "HYPERGEN_LOG_LEVEL": "WARNING",
     }
-    with BentoServer(work / f"serve-{max_batch_size}.log", env) as server:
+    with BentoServer(work / f"serve-{label}.log", env, cwd=checkout or PROJECT_ROOT) as server:
         server.wait_ready()
         return [run_load(server.base_url, concurrency, max(requests, concurrency), body) for concurrency in levels]
 
@@ -172,7 +175,6 @@ def bench_server(
 
 def markdown(result: dict[str, Any]) -> str:
     bare, config = result["bare"], result["config"]
-    top_bare = bare[f"batch_{config['max_batch_size']}"]
     lines = [
         f"# Benchmark `{result['name']}`",
         "",
@@ -181,15 +183,25 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "| measure | value |",
         "|---|---|",
-        f"| bare pipe() batch 1 | {bare['batch_1']['images_per_s']:.2f} images/s |",
-        f"| bare pipe() batch {config['max_batch_size']} | {top_bare['images_per_s']:.2f} images/s |",
     ]
-    for level in result["server"]:
-        lines.append(
-            f"| server, concurrency {level['concurrency']} | {level['images_per_s']:.2f} images/s "
-            f"(server ÷ bare batch {level['bare_batch']}: {level['server_over_bare']:.2f}) · p50 {level['latency_p50_ms']:.0f} ms · "
-            f"p95 {level['latency_p95_ms']:.0f} ms · {level['mean_images_per_call']:.1f} images per pipeline call |"
-        )
+    lines += [
+        f"| bare pipe() batch {size} | {bare[f'batch_{size}']['images_per_s']:.2f} images/s |"
+        for size in range(1, config["max_batch_size"] + 1)
+        if f"batch_{size}" in bare
+    ]
+    servers = [("server", result["server"])]
+    if result.get("baseline"):
+        servers.append((f"baseline `{Path(result['baseline']['checkout']).name}`", result["baseline"]["server"]))
+    for label, levels in servers:
+        for level in levels:
+            lines.append(
+                f"| {label}, concurrency {level['concurrency']} | {level['images_per_s']:.2f} images/s "
+                f"(÷ bare batch {level['bare_batch']}: {level['server_over_bare']:.2f}; ÷ bare at the formed batch "
+                f"{level.get('formed_batch', '?')}: {level.get('server_over_bare_formed', float('nan')):.2f}; ÷ best bare: "
+                f"{level.get('server_over_bare_best', float('nan')):.2f}) · p50 {level['latency_p50_ms']:.0f} ms · "
+                f"p95 {level['latency_p95_ms']:.0f} ms · {level['mean_images_per_call']:.1f} images per pipeline call · "
+                f"overhead p50 {level['overhead_p50_ms']:.1f} ms p99 {level['overhead_p99_ms']:.1f} ms |"
+            )
     gain = result["batching_gain"]
     lines += [
         f"| batching gain at concurrency {gain['concurrency']} | {gain['ratio']:.2f}× ({gain['batched_images_per_s']:.2f} vs {gain['unbatched_images_per_s']:.2f} images/s); "
@@ -215,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="bare pipe() calls per batch size")
     parser.add_argument("--quick", action="store_true", help="a few seconds: smoke-test the harness")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument(
+        "--baseline", type=Path, help="another checkout (e.g. `git worktree add /tmp/before COMMIT`) served in the same run"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.requests, args.repeats, args.concurrency, args.max_batch_size = 2, 4, 1, "1,2", 2
@@ -229,17 +244,26 @@ def main(argv: list[str] | None = None) -> int:
     body = {"size": args.size, "steps": args.steps}
 
     print(f"bare pipeline: {args.size}, {args.steps} steps ...", flush=True)
-    batch_sizes = sorted({1, args.max_batch_size, *[level for level in levels if level <= args.max_batch_size]})
+    batch_sizes = list(range(1, args.max_batch_size + 1))  # every size, for the batch the server actually forms
     bare = bench_bare(model_dir, width, height, args.steps, batch_sizes, args.repeats)
     encoding = bench_encoding(bare.pop("sample_image"))
     print("server with batching ...", flush=True)
     batched = bench_server(model_dir, args.max_batch_size, levels, args.requests, body, work)
     print("server with HYPERGEN_MAX_BATCH_SIZE=1 ...", flush=True)
     unbatched = bench_server(model_dir, 1, [levels[-1]], args.requests, body, work)[0]
+    baseline = None
+    if args.baseline:
+        print(f"baseline server from {args.baseline} ...", flush=True)
+        baseline = bench_server(model_dir, args.max_batch_size, levels, args.requests, body, work, checkout=args.baseline.resolve())
 
-    for level in batched:
+    best = max(bare[f"batch_{size}"]["images_per_s"] for size in batch_sizes)
+    for level in [*batched, *(baseline or [])]:
         level["bare_batch"] = min(level["concurrency"], args.max_batch_size)
         level["server_over_bare"] = level["images_per_s"] / bare[f"batch_{level['bare_batch']}"]["images_per_s"]
+        formed = min(args.max_batch_size, max(1, round(level["mean_images_per_call"])))
+        level["formed_batch"] = formed
+        level["server_over_bare_formed"] = level["images_per_s"] / bare[f"batch_{formed}"]["images_per_s"]
+        level["server_over_bare_best"] = level["images_per_s"] / best
     top, single = batched[-1], batched[0]
     result = {
         "name": args.name,
@@ -262,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             "unbatched_p95_ms": unbatched["latency_p95_ms"],
         },
         "unbatched": unbatched,
+        "baseline": {"checkout": str(args.baseline), "server": baseline} if baseline else None,
         "overhead": {
             "p50_ms": single["overhead_p50_ms"],
             "p99_ms": single["overhead_p99_ms"],
