@@ -80,9 +80,26 @@ async function loadModels() {
     $("page-error").textContent = await errorMessage(reply.response);
     return;
   }
+  models = new Map(reply.body.data.map((model) => [model.id, model]));
   fillSelect($("model"), reply.body.data.map((model) => [model.id, model.id]));
+  applyModel();
   if (apiKey()) showKeyForm("Key accepted. It is kept in this browser tab only.");
   await loadLoras();
+}
+
+let models = new Map(); // id → the model's card from /v1/models (sizes, schedulers once loaded)
+const SQUARE_SIDES = [64, 128, 256, 512, 768, 1024, 1536, 2048];
+
+/** Offer the sizes and schedulers the chosen model accepts (its card says, once it is loaded). */
+function applyModel() {
+  const card = models.get($("model").value);
+  if (!card || !card.max_size) return;
+  const largest = Number(card.max_size.split("x")[0]);
+  const sizes = [card.native_size, ...SQUARE_SIDES.filter((side) => side <= largest).map((side) => `${side}x${side}`)];
+  $("sizes").replaceChildren(...[...new Set(sizes)].map((size) => new Option("", size)));
+  const [width, height] = $("size").value.split("x").map(Number);
+  if (!(width <= largest && height <= largest)) $("size").value = card.native_size;
+  fillSelect($("scheduler"), [["", "model's own"], ...(card.schedulers || []).map((name) => [name, name])]);
 }
 
 async function loadLoras() {
@@ -204,6 +221,7 @@ function generationSettings() {
     seed: optionalNumber($("seed")) ?? randomSeed(),
     lora_path: lora || undefined,
     lora_scale: lora ? optionalNumber($("lora-scale")) : undefined,
+    scheduler: $("scheduler").value || undefined,
   };
 }
 
@@ -331,6 +349,7 @@ function addToGallery(url, current, imageIndex) {
       ["Size", settings.size],
       ["Model", settings.model],
       ["LoRA", settings.lora_path && `${settings.lora_path} × ${settings.lora_scale ?? "default"}`],
+      ["Scheduler", settings.scheduler ?? "model's own"],
     ],
     fileName: `hypergen-${settings.seed}.png`,
     onReuse: () => reuseSettings(settings),
@@ -353,7 +372,9 @@ function reuseSettings(settings) {
   };
   for (const [id, value] of Object.entries(fields)) $(id).value = value ?? "";
   selectIfListed($("model"), settings.model);
+  applyModel();
   selectIfListed($("lora"), settings.lora_path ?? "");
+  selectIfListed($("scheduler"), settings.scheduler ?? "");
   selectTab("tab-generate");
   $("prompt").focus();
 }
@@ -537,6 +558,7 @@ function start() {
     loadModels();
   });
   $("generate-form").addEventListener("submit", generate);
+  $("model").addEventListener("change", applyModel);
   $("cancel").addEventListener("click", cancelGeneration);
   $("edit-form").addEventListener("submit", submitEdit);
   $("edit-cancel").addEventListener("click", () => editor.request && editor.request.abort());

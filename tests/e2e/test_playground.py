@@ -137,6 +137,9 @@ def test_generate_shows_progress_previews_and_the_images_the_api_returns(page, d
     generate.get_by_label("Steps").fill("20")
     generate.get_by_label("Seed").fill("1234")
     generate.get_by_label("Images").fill("2")
+    # The model's card offers its schedulers and only the sizes it makes (the demo model: up to 128x128).
+    assert "euler_a" in generate.get_by_label("Scheduler").locator("option").all_inner_texts()
+    assert page.evaluate("[...document.querySelectorAll('#sizes option')].map(o => o.value)") == ["64x64", "128x128"]
     generate.get_by_role("button", name="Generate").click()
 
     expect(page.locator("#status")).to_have_text(re.compile(r"^Done: 20/20 steps, 2 images"), timeout=60_000)
