@@ -298,8 +298,9 @@ def measure_flops_on_meta(run: Run) -> None:
         flops[family] = {
             "size": f"{NATIVE[family]['width']}x{NATIVE[family]['height']}",
             "params_m": round(sum(parameter.numel() for parameter in denoiser.parameters()) / 1e6, 1),
-            "cfg": family != "flux",
+            "cfg": family != "flux",  # the UNets run twice per step (with and without the prompt)
             "tflop_per_image_step": round(per_image / 1e12, 3),
+            "tflop_per_image_forward": round(per_image / (2 if family != "flux" else 1) / 1e12, 3),
         }
         print(f"  {family}: {per_image / 1e12:.2f} TFLOP per image per step", flush=True)
     run.result["flops"] = flops
@@ -713,12 +714,15 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             "## FLOPs per denoising step (full-size models, counted on the meta device)",
             "",
-            "| model | denoiser params | size | TFLOP per image per step |",
-            "|---|---|---|---|",
+            "| model | denoiser params | size | TFLOP per image forward | TFLOP per image step |",
+            "|---|---|---|---|---|",
         ]
         for family, flops in result["flops"].items():
-            guidance = " (×2 with classifier-free guidance)" if flops["cfg"] else ""
-            lines.append(f"| {family} | {flops['params_m']:.0f} M | {flops['size']} | {flops['tflop_per_image_step']:.2f}{guidance} |")
+            guidance = " (classifier-free guidance: 2 forwards)" if flops["cfg"] else " (1 forward)"
+            lines.append(
+                f"| {family} | {flops['params_m']:.0f} M | {flops['size']} | {flops['tflop_per_image_forward']:.2f} | "
+                f"{flops['tflop_per_image_step']:.2f}{guidance} |"
+            )
         lines.append("")
     if result.get("models"):
         lines += [
