@@ -21,6 +21,7 @@ from .batching import PipelineCall, group_compatible_jobs
 from .guidance import call_parameters, guidance_arguments
 from .loras import Choice, LoraError, RoutingError
 from .models import ServedModels
+from .pipelines import call_context
 from .previews import InterruptedInsideStep, StepPreviews, StreamTicket, interrupt_inside_steps, step_callback_arguments
 from .schedulers import SchedulerChoice
 from .streams import JobTable
@@ -201,7 +202,11 @@ class BatchRunner:
         started = time.perf_counter()
         self.busy = busy
         try:
-            with loras.routed(per_image) if routing else nullcontext(), interrupt_inside_steps(pipe, lambda: self._all_gone(batch, call)):
+            with (
+                call_context(loaded.levers),
+                loras.routed(per_image) if routing else nullcontext(),
+                interrupt_inside_steps(pipe, lambda: self._all_gone(batch, call)),
+            ):
                 output = pipe(**arguments)
         except InterruptedInsideStep:
             logger.info("interrupting a pipeline call inside step %d: every request in it has gone", busy["step"] + 1)

@@ -125,8 +125,9 @@ def adapter_key(name: str) -> str:
 class LoraManager:
     """Adapters of one pipeline: load, look up, activate for a call, unload, evict (LRU)."""
 
-    def __init__(self, pipe: Any, allowed_dirs: list[Path], max_loaded: int) -> None:
+    def __init__(self, pipe: Any, allowed_dirs: list[Path], max_loaded: int, refused: str | None = None) -> None:
         self.pipe = pipe
+        self.refused = refused  # why this pipeline takes no adapters at all (None: it takes them)
         self.allowed_dirs = allowed_dirs
         self.max_loaded = max_loaded
         self._adapters: dict[str, LoadedAdapter] = {}
@@ -142,6 +143,8 @@ class LoraManager:
         """Load `source` (a directory or file, a BentoML model tag, or a Hub id) as `name`;
         `shown` is the source as clients see it (server paths relative to their allowed dir)."""
         shown = shown or source
+        if self.refused:
+            raise LoraError(f"This server loads no LoRA adapters: {self.refused}.", status=409)
         if name in self._adapters:
             raise LoraError(f"An adapter named '{name}' is already loaded; unload it first.", status=409)
         if not hasattr(self.pipe, "load_lora_weights"):

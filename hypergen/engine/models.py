@@ -165,10 +165,10 @@ class ServedModels:
     def _load_default(self) -> None:
         from .pipelines import load_inpainting, load_text_to_image
 
-        self.default = load_text_to_image(self.settings.served_model_name, self._source(), self.settings.device)
+        self.default = load_text_to_image(self.settings.served_model_name, self._source(), self.settings.device, self.settings.levers)
         if self.settings.inpaint_model:
             loaded = self.default
-            loaded.modes["inpainting"] = load_inpainting(self.settings.inpaint_model, loaded.device, loaded.dtype)
+            loaded.modes["inpainting"] = load_inpainting(self.settings.inpaint_model, loaded.device, loaded.dtype, self.settings.levers)
             logger.info("inpainting uses the dedicated checkpoint %s", self.settings.inpaint_model)
         self.residency.register(self.default.name, pipeline_bytes(self.default))
 
@@ -187,13 +187,14 @@ class ServedModels:
         from .pipelines import load_text_to_image
 
         for name, source in self.settings.extra_models:
-            extra = load_text_to_image(name, locate_model(source), self.settings.device)
+            extra = load_text_to_image(name, locate_model(source), self.settings.device, self.settings.levers)
             self._extra[name] = (extra, self._adapters_of(extra))
             self.residency.register(name, pipeline_bytes(extra))
             logger.info("model '%s' loaded from %s in %.2fs", name, source, extra.load_seconds)
 
     def _adapters_of(self, loaded: Any) -> LoraManager:
-        return LoraManager(loaded.modes["text-to-image"], self.settings.lora_dir_list, self.settings.max_loras)
+        refused = "HYPERGEN_FUSE_QKV is on: fused projections would skip the adapters' q/k/v weights" if self.settings.fuse_qkv else None
+        return LoraManager(loaded.modes["text-to-image"], self.settings.lora_dir_list, self.settings.max_loras, refused)
 
     def _move(self, name: str, to_device: bool) -> None:
         """Move a model's weights (all its mode pipelines share them) to its device or to host

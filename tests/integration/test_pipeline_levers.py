@@ -56,3 +56,20 @@ def test_the_attention_context_restores_the_kernel_choice():
         with call_context(PipelineLevers(attention_backend="flash")):
             assert [flag() for flag in flags] == [True, True]  # flash first, the rest as fallbacks
         assert [flag() for flag in flags] == before == [False, True]
+
+
+def test_the_engine_loads_with_the_settings_levers_and_runs_calls_in_their_context(tiny_sd_dir, tmp_path, monkeypatch):
+    import hypergen.engine.calls as calls
+    from hypergen.config import Settings
+    from hypergen.protocol import GenerationJob
+    from tests.integration.conftest import start_engine
+
+    entered = []
+    monkeypatch.setattr(calls, "call_context", lambda levers: entered.append(levers) or call_context(levers))
+    settings = Settings(home=tmp_path, loras="", attention_backend="math", vae_slicing=True, channels_last=True)
+    engine = start_engine(settings, tiny_sd_dir)
+    assert engine.models.default.levers == settings.levers
+    job = GenerationJob(request_id="r", model="m", prompt="a", width=64, height=64, num_inference_steps=2,
+                        guidance_scale=5.0, seeds=[1], admitted_at=0.0)  # fmt: skip
+    assert engine.run_batch([job])[0].error is None
+    assert entered and entered[-1].attention_backend == "math"

@@ -158,3 +158,12 @@ def test_rows_that_are_tokens_of_several_images_are_refused():
     assert router.plan(4, torch.device("cpu"))["a"][0].tolist() == [0, 2]  # guidance: two copies
     with pytest.raises(RoutingError):
         router.plan(128, torch.device("cpu"))
+
+
+def test_a_pipeline_that_takes_no_adapters_refuses_every_load():
+    from hypergen.engine.loras import LoraManager
+
+    manager = LoraManager(pipe=None, allowed_dirs=[], max_loaded=4, refused="HYPERGEN_FUSE_QKV is on")
+    with pytest.raises(LoraError, match="HYPERGEN_FUSE_QKV") as caught:
+        manager.load("hub", "org/some-lora")
+    assert caught.value.status == 409 and manager.list() == []
