@@ -37,6 +37,7 @@ if ! "$PYTHON" -c "import hypergen, openai, torch, yaml" 2>/dev/null; then
     echo "  environment's python (PYTHON=/path/to/venv/bin/python, or sudo env \"PATH=\$PATH\" ...)." >&2
     exit 1
 fi
+
 step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 step "tools"
