@@ -7,6 +7,7 @@ diffusers, which the API process must stay free of.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import time
@@ -88,6 +89,7 @@ def load_text_to_image(name: str, source: str, device: str | None = None, levers
         # Pipelines AutoPipeline has no mapping for (community or newer classes) still load generically.
         pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype)
     logger.info("model '%s': %s read in %.2fs", name, describe_components(pipe), time.perf_counter() - started)
+    require_text_to_image(name, pipe)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     levers = levers or PipelineLevers()
@@ -242,10 +244,37 @@ def derive_mode_pipelines(pipe: Any) -> dict[str, Any]:
     return modes
 
 
+class UnservableModel(ValueError):
+    """A model whose pipeline HyperGen cannot call for images (reported at start-up)."""
+
+
+# What every call passes (calls.call_arguments); a pipeline without them cannot make an image per request.
+REQUIRED_CALL_PARAMETERS = ("prompt", "width", "height", "num_inference_steps", "generator")
+
+
+def require_text_to_image(name: str, pipe: Any) -> None:
+    """Refuse, at start-up and naming what is missing, a pipeline that cannot draw an image from
+    a prompt (an unconditional or class-conditional pipeline, a video pipeline)."""
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return  # takes any argument: a community pipeline; its first call will tell
+    missing = [parameter for parameter in REQUIRED_CALL_PARAMETERS if parameter not in parameters]
+    if missing:
+        raise UnservableModel(
+            f"model '{name}' ({type(pipe).__name__}) cannot be served: its pipeline takes no {', '.join(missing)}; "
+            f"HyperGen serves text-to-image pipelines (called with {', '.join(REQUIRED_CALL_PARAMETERS)})"
+        )
+    if "num_frames" in parameters:
+        raise UnservableModel(f"model '{name}' ({type(pipe).__name__}) is a video pipeline; HyperGen serves images")
+
+
 def native_size(pipe: Any) -> tuple[int, int]:
-    """The resolution a pipeline was trained at: UNet/transformer sample size × VAE scale."""
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    sample_size = getattr(getattr(denoiser, "config", None), "sample_size", None) or 64
+    """The resolution a pipeline draws by default: its `default_sample_size` (FLUX.1, Qwen-Image,
+    SD 3.5, SDXL) or else its UNet's or transformer's `sample_size` (SD 1.5, Sana, PixArt-Σ), in
+    latent pixels, × the VAE's scale; 64 latent pixels where neither says (Z-Image, whose 1024 is
+    written in its code: give such a model `width`/`height` in its hypergen.json)."""
+    denoiser = denoiser_of(pipe)
+    sample_size = getattr(pipe, "default_sample_size", None) or getattr(getattr(denoiser, "config", None), "sample_size", None) or 64
     if isinstance(sample_size, (list, tuple)):
         sample_height, sample_width = sample_size
     else:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..engine.pipelines import MODEL_DEFAULTS_FILE
-from .pipelines import pixel_vae, save_tiny_pipeline, write_char_tokenizer_files
+from .pipelines import char_clip_tokenizer, char_t5_tokenizer, pixel_vae, save_tiny_pipeline
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux", "qwen-image", "z-image", "sana", "pixart-sigma")
 
@@ -43,26 +43,6 @@ QWEN_CHAT_TEMPLATE = (
 
 
 # --- tokenizers --------------------------------------------------------------------------------
-
-
-def char_clip_tokenizer_and_size() -> tuple[Any, int]:
-    """A character-level CLIP tokenizer (ids 0 and 1 are <|startoftext|> and <|endoftext|>) and its size."""
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory() as work:
-        size = write_char_tokenizer_files(Path(work))
-        return CLIPTokenizer(str(Path(work) / "vocab.json"), str(Path(work) / "merges.txt"), model_max_length=77), size
-
-
-def char_t5_tokenizer() -> Any:
-    """A character-level T5 tokenizer: a Unigram model over printable ASCII, with and without
-    sentencepiece's word-start marker."""
-    from transformers import T5TokenizerFast
-
-    chars = [chr(code) for code in range(33, 127)]
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    pieces += [(char, -2.0) for char in chars] + [("\u2581" + char, -1.5) for char in chars]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0)
 
 
 _PRINTABLE_BYTES = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -174,8 +154,7 @@ def build_tiny_sd3(seed: int = 0) -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
-    tokenizer, vocab_size = char_clip_tokenizer_and_size()
-    tokenizer_3 = char_t5_tokenizer()
+    tokenizer, tokenizer_3 = char_clip_tokenizer(), char_t5_tokenizer()
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=32, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=4,
@@ -184,9 +163,9 @@ def build_tiny_sd3(seed: int = 0) -> Any:
     return StableDiffusion3Pipeline(
         transformer=transformer,
         vae=wide_pixel_vae(),
-        text_encoder=CLIPTextModelWithProjection(_clip_config(vocab_size)),
+        text_encoder=CLIPTextModelWithProjection(_clip_config(len(tokenizer))),
         tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(_clip_config(vocab_size)),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(len(tokenizer))),
         tokenizer_2=tokenizer,
         text_encoder_3=_t5_encoder(len(tokenizer_3), 64),
         tokenizer_3=tokenizer_3,
@@ -194,23 +173,23 @@ def build_tiny_sd3(seed: int = 0) -> Any:
     )
 
 
-def build_tiny_flux(seed: int = 0) -> Any:
+def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> Any:
     """FLUX.1-dev layout: joint and single-stream blocks, a guidance embedding (distilled
-    guidance), CLIP and T5, latents packed 2×2 into tokens."""
+    guidance), CLIP and T5, latents packed 2×2 into tokens. Without `guidance_embeds`: the
+    FLUX.1-schnell layout (timestep-distilled, no guidance input)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
-    tokenizer, vocab_size = char_clip_tokenizer_and_size()
-    tokenizer_2 = char_t5_tokenizer()
+    tokenizer, tokenizer_2 = char_clip_tokenizer(), char_t5_tokenizer()
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=guidance_embeds,
     )  # fmt: skip
     return FluxPipeline(
         transformer=transformer,
         vae=wide_pixel_vae(),
-        text_encoder=CLIPTextModel(_clip_config(vocab_size)),
+        text_encoder=CLIPTextModel(_clip_config(len(tokenizer))),
         tokenizer=tokenizer,
         text_encoder_2=_t5_encoder(len(tokenizer_2), 32),
         tokenizer_2=tokenizer_2,
@@ -365,6 +344,7 @@ def build_tiny_pixart_sigma(seed: int = 0) -> Any:
 FAMILY_BUILDERS: dict[str, Callable[[int], Any]] = {
     "sd3": build_tiny_sd3,
     "flux": build_tiny_flux,
+    "flux-schnell": lambda seed: build_tiny_flux(seed, guidance_embeds=False),
     "qwen-image": build_tiny_qwen_image,
     "z-image": build_tiny_z_image,
     "sana": build_tiny_sana,
@@ -378,6 +358,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "sdxl": {"guidance_scale": 7.5},
     "sd3": {"guidance_scale": 7.0},
     "flux": {"guidance_scale": 3.5, "width": 64, "height": 64},
+    "flux-schnell": {"guidance_scale": 1.0, "width": 64, "height": 64},
     "qwen-image": {"guidance_scale": 4.0, "width": 64, "height": 64},
     "z-image": {"guidance_scale": 4.0, "width": 64, "height": 64},
     "sana": {"guidance_scale": 4.5},
@@ -386,11 +367,11 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def save_tiny_family(kind: str, out_dir: str | os.PathLike[str], seed: int = 0, **defaults: Any) -> Path:
-    """Build the tiny pipeline of family `kind` (one of `FAMILIES`) and save it to `out_dir` with
+    """Build the tiny pipeline of family `kind` (one of `FAMILIES`, or "flux-schnell") and save it to `out_dir` with
     a `hypergen.json` of small defaults (4 steps; `defaults` override them). Written to a sibling
     and renamed into place, so a concurrent reader never sees half a model."""
-    if kind not in FAMILIES:
-        raise ValueError(f"unknown model family '{kind}'; choose one of {', '.join(FAMILIES)}")
+    if kind not in FAMILY_DEFAULTS:
+        raise ValueError(f"unknown model family '{kind}'; choose one of {', '.join(FAMILY_DEFAULTS)}")
     settings = {"num_inference_steps": 4, **FAMILY_DEFAULTS[kind], **defaults}
     if kind in ("sd", "sdxl"):
         return save_tiny_pipeline(out_dir, kind=kind, seed=seed, **settings)

@@ -194,38 +194,12 @@ def char_t5_tokenizer() -> Any:
 
 
 def build_tiny_flux_pipeline(seed: int = 0) -> Any:
-    """FLUX-layout pipeline (a diffusion transformer with joint and single-stream blocks, CLIP and T5
-    text encoders, flow-matching scheduler), 64×64 native. Random weights, no CFG (distilled guidance)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    """FLUX.1-dev-layout pipeline (a diffusion transformer with joint and single-stream blocks, CLIP
+    and T5 text encoders, flow-matching scheduler, 16 latent channels packed 2×2), 64×64 native:
+    the FLUX.1 of the family matrix (`families.build_tiny_flux`)."""
+    from .families import build_tiny_flux
 
-    with tempfile.TemporaryDirectory() as work:
-        tokenizer, vocab_size = _char_tokenizer(Path(work))
-    tokenizer_2 = char_t5_tokenizer()
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True,
-    )  # fmt: skip
-    # Latents are packed 2×2, so 4 latent channels become the transformer's 16 input channels.
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
-    )  # fmt: skip
-    text_encoder = CLIPTextModel(_text_config(vocab_size, projection_dim=32))
-    t5_config = T5Config(
-        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8
-    )
-    return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=T5EncoderModel(t5_config),
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-    )
+    return build_tiny_flux(seed)
 
 
 TINY_BUILDERS = {

@@ -38,7 +38,7 @@ LORA_MAGNITUDE = {"sd": 0.2, "sdxl": 0.2}
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    return {kind: save_tiny_family(kind, root / kind, seed=index + 1) for index, kind in enumerate(FAMILIES)}
+    return {kind: save_tiny_family(kind, root / kind, seed=index + 1) for index, kind in enumerate((*FAMILIES, "flux-schnell"))}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def lora_root(family_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(family_dirs, lora_root, tmp_path_factory):
-    """All eight families in one engine, under a memory budget that keeps only the model in use
+    """All eight families (and FLUX.1-schnell's layout) in one engine, under a memory budget that keeps only the model in use
     on the device (every switch between families offloads one and brings the other back)."""
     settings = Settings(
         models=",".join(f"{kind}={path}" for kind, path in family_dirs.items()), loras="", lora_dirs=str(lora_root),
@@ -155,6 +155,15 @@ def test_guidance_scale_changes_the_image_and_one_means_off(engine, kind):
     off = image(engine, kind, seeds=(8,), guidance=1.0)
     assert differ(off, image(engine, kind, seeds=(8,), guidance=6.0)) > 0.5, kind
     assert differ(off, image(engine, kind, seeds=(8,), guidance=1.0, negative="green")) <= 1.0, kind
+
+
+def test_the_flux_schnell_layout_ignores_guidance_and_takes_a_negative_prompt_as_true_cfg(engine):
+    """FLUX.1-schnell has no guidance input and no classifier-free guidance of its own: the
+    scale alone changes nothing (true CFG is not turned on behind the client's back, doubling
+    the work), a negative prompt turns it on."""
+    base = image(engine, "flux-schnell", seeds=(3,), guidance=1.0)
+    assert np.array_equal(image(engine, "flux-schnell", seeds=(3,), guidance=5.0), base)
+    assert differ(image(engine, "flux-schnell", seeds=(3,), guidance=5.0, negative="green"), base) > 0.5
 
 
 # --- LoRA ---------------------------------------------------------------------------------------------
@@ -331,3 +340,28 @@ def test_an_offloaded_model_comes_back_with_the_same_weights(engine, kind):
     assert kind in memory["offloaded"] and other not in memory["offloaded"]
     assert np.array_equal(image(engine, kind, seeds=(11,)), first)
     assert engine.status().memory["models"][kind]["reloads"] >= 1
+
+
+# --- a family that cannot work ------------------------------------------------------------------------
+
+
+def test_a_pipeline_that_cannot_draw_from_a_prompt_is_a_clear_start_up_error(tmp_path):
+    """An unconditional pipeline (DDPM) loads in diffusers but takes no prompt: the worker says so
+    at start-up (in /health's detail) instead of failing every request with a 500."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from hypergen.engine.engine import DiffusionEngine
+
+    unet = UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    )  # fmt: skip
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    engine = DiffusionEngine(Settings(loras="", home=tmp_path / "home"), model_path=str(tmp_path / "ddpm"))
+    deadline = time.monotonic() + 60
+    while not engine.models.error:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    status = engine.status()
+    assert not status.ready and "model failed to load" in status.detail
+    assert "(DDPMPipeline) cannot be served: its pipeline takes no prompt, width, height" in status.detail
