@@ -363,6 +363,9 @@ class ModelLimits(BaseModel):
     native_step_s: float | None = Field(
         default=None, description="one denoising step of one image at the native size, measured by the warm-up calls"
     )
+    size_multiple: int = Field(
+        default=8, description="both sides are multiples of it: 16 where latents are packed or patched 2×2 (FLUX.1, SD 3.5, Qwen-Image)"
+    )
 
     def resolve_size(self, size: str | None) -> tuple[int, int]:
         """Validated (width, height) for a request's `size` (None or 'auto' = native)."""
@@ -377,12 +380,18 @@ class ModelLimits(BaseModel):
                 f"size '{size}' is outside what model '{self.id}' makes: each side from {self.min_side} to "
                 f"{self.max_side} pixels (the largest is '{self.max_side}x{self.max_side}'); try '{self.nearest_size(width, height)}'"
             )
+        if width % self.size_multiple or height % self.size_multiple:
+            raise ValueError(
+                f"size '{size}' does not fit model '{self.id}': its sides must be multiples of {self.size_multiple}; "
+                f"try '{self.nearest_size(width, height)}'"
+            )
         return width, height
 
     def nearest_size(self, width: int, height: int) -> str:
-        """The closest size this model accepts: sides clamped to its limits, multiples of 8."""
-        low, high = -(-self.min_side // 8) * 8, self.max_side // 8 * 8
-        return "x".join(str(min(high, max(low, _round8(side)))) for side in (width, height))
+        """The closest size this model accepts: sides clamped to its limits, multiples of its `size_multiple`."""
+        step = max(8, self.size_multiple)
+        low, high = -(-self.min_side // step) * step, self.max_side // step * step
+        return "x".join(str(min(high, max(low, step, (side + step // 2) // step * step))) for side in (width, height))
 
 
 # --- the worker contract ---------------------------------------------------------------------

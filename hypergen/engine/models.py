@@ -56,6 +56,8 @@ def quality_steps(loaded: Any) -> dict[str, int]:
 
 
 def model_limits(loaded: Any) -> ModelLimits:
+    from .pipelines import size_multiple
+
     native_side = max(loaded.native_width, loaded.native_height)
     return ModelLimits(
         id=loaded.name,
@@ -68,6 +70,7 @@ def model_limits(loaded: Any) -> ModelLimits:
         modes=list(loaded.modes),
         schedulers=scheduler_names(loaded.pipe.scheduler),
         quality_steps=quality_steps(loaded),
+        size_multiple=size_multiple(loaded.pipe),
     )
 
 

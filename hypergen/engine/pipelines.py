@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,6 +282,22 @@ def native_size(pipe: Any) -> tuple[int, int]:
         sample_height = sample_width = int(sample_size)
     scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
     return sample_width * scale, sample_height * scale
+
+
+def size_multiple(pipe: Any) -> int:
+    """What both sides of an image must be multiples of, as the pipeline checks or rounds them:
+    its image processor's scale (FLUX.1, Qwen-Image and Z-Image pack latents 2×2: 16) and its
+    VAE's scale × its transformer's patch size (SD 3.5: 16); at least 8. Pipelines that draw at
+    their resolution bins and resize to the size asked (Sana, PixArt-Σ) take any multiple of 8."""
+    binning = inspect.signature(type(pipe).__call__).parameters.get("use_resolution_binning")
+    if binning is not None and binning.default is True:
+        return 8
+    processor = getattr(getattr(pipe, "image_processor", None), "config", None)
+    multiple = math.lcm(8, int(getattr(processor, "vae_scale_factor", None) or 8))
+    patch_size = getattr(getattr(denoiser_of(pipe), "config", None), "patch_size", None)
+    if isinstance(patch_size, int):
+        multiple = math.lcm(multiple, patch_size * int(getattr(pipe, "vae_scale_factor", 8) or 8))
+    return multiple
 
 
 def read_model_defaults(source: str) -> dict[str, Any]:

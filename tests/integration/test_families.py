@@ -342,6 +342,35 @@ def test_an_offloaded_model_comes_back_with_the_same_weights(engine, kind):
     assert engine.status().memory["models"][kind]["reloads"] >= 1
 
 
+# --- sizes ---------------------------------------------------------------------------------------------
+
+
+def test_sides_are_multiples_of_what_each_family_takes_at_full_scale(engine):
+    """With an 8× autoencoder (as the real models have) FLUX.1, SD 3.5 and Z-Image pack or
+    patch latents 2×2 and take sides in multiples of 16 (SD 3.5 refuses 1000 × 1000 outright):
+    the model's limits say so, and the API answers such a size with a 400 naming the nearest
+    that fits (tests/unit/test_protocol.py). Sana and PixArt-Σ
+    draw at their resolution bins and take any multiple of 8; the tiny models' 2× autoencoder, 8."""
+    from diffusers import AutoencoderKL
+
+    from hypergen.engine.pipelines import size_multiple
+
+    eight_times = AutoencoderKL(
+        block_out_channels=[8] * 4, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=16, norm_num_groups=4, layers_per_block=1,
+    )  # fmt: skip
+    full_scale = {
+        kind: type(pipe)(**{**pipe.components, "vae": eight_times})
+        for kind in ("sd3", "flux", "z-image")
+        for pipe in [engine.models.get(kind)[0].pipe]
+    }
+    assert {kind: size_multiple(pipe) for kind, pipe in full_scale.items()} == {"sd3": 16, "flux": 16, "z-image": 16}
+    with pytest.raises(ValueError, match="divisible by 16"):
+        full_scale["sd3"](prompt="x", width=1000, height=1000, num_inference_steps=1)
+    served = {limits.id: limits.size_multiple for limits in engine.status().models}
+    assert served["sd"] == served["sana"] == served["pixart-sigma"] == served["flux"] == 8
+
+
 # --- a family that cannot work ------------------------------------------------------------------------
 
 

@@ -38,6 +38,14 @@ def test_model_limits_resolve_auto_and_omitted_to_native_size():
         limits.resolve_size("2048x512")
 
 
+def test_a_model_whose_sides_must_be_multiples_of_16_names_the_nearest_size_that_fits():
+    """FLUX.1 and SD 3.5 pack or patch latents 2×2: 1000 (a multiple of 8) would be cut to 992 or refused by the pipeline."""
+    limits = ModelLimits(id="flux", native_width=1024, native_height=1024, max_side=2048, size_multiple=16)
+    assert limits.resolve_size("1024x1008") == (1024, 1008)
+    with pytest.raises(ValueError, match="multiples of 16; try '1008x1024'"):
+        limits.resolve_size("1000x1016")
+
+
 def test_request_defaults_follow_openai():
     request = ImageGenerationRequest(prompt="a cat")
     assert request.n == 1 and request.output_format == "png" and request.stream is False
