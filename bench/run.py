@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "name": args.name,
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end",
         "config": {
             "model": args.model or "tiny random SD (built from configs)",
             "size": args.size,
