@@ -66,9 +66,7 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(default=None, description="comma-separated keys; unset = auth off")
     max_queue: int = Field(default=100, ge=0)
     max_batch_size: int = Field(default=8, ge=1, le=64)
-    max_batch_wait_ms: float = Field(
-        default=100.0, ge=0, description="longest wait for requests expected to join a batch (0 = never wait)"
-    )
+    max_batch_wait_ms: float = Field(default=100.0, ge=0, description="longest wait for requests expected to join a batch (0 = never wait)")
     public_url: str | None = None
     url_ttl: float = Field(default=3600.0, gt=0)
     default_response_format: Literal["url", "b64_json"] = "b64_json"
