@@ -167,7 +167,7 @@ class ImageServing:
             decoded = open_upload(image, "image", self.settings.max_upload_pixels)
             decoded_mask = open_upload(mask, "mask", self.settings.max_upload_pixels) if mask is not None else None
             if size is None or size.strip().lower() == "auto":
-                target = default_size(*decoded.size, max_side=limits.max_side, min_side=limits.min_side)
+                target = default_size(*decoded.size, max_side=limits.max_side, min_side=limits.min_side, multiple=limits.size_multiple)
             else:
                 target = jobs.resolve_size(limits, size)
             return fit_upload(decoded, decoded_mask, target)

@@ -82,14 +82,13 @@ def mask_from_alpha(mask: Image.Image) -> Image.Image:
     return ImageOps.invert(alpha)
 
 
-def default_size(width: int, height: int, max_side: int, min_side: int) -> tuple[int, int]:
-    """The input's size, scaled down to fit `max_side` (aspect kept), rounded to multiples of 8."""
+def default_size(width: int, height: int, max_side: int, min_side: int, multiple: int = 8) -> tuple[int, int]:
+    """The input's size, scaled down to fit `max_side` (aspect kept), rounded to multiples of
+    `multiple` (8, or the model's coarser grid) within the model's limits."""
+    step = max(8, multiple)
+    low, high = -(-min_side // step) * step, max_side // step * step
     scale = min(1.0, max_side / max(width, height))
-    fitted = []
-    for side in (width * scale, height * scale):
-        rounded = int(round(side / 8)) * 8
-        fitted.append(max(min_side, min(max_side, rounded)))
-    return fitted[0], fitted[1]
+    return tuple(max(low, min(high, int(round(side * scale / step)) * step)) for side in (width, height))  # type: ignore[return-value]
 
 
 def fit_upload(image: Image.Image, mask: Image.Image | None, size: tuple[int, int]) -> FittedUpload:

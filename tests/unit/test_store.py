@@ -42,3 +42,12 @@ def test_the_cap_holds_between_purges(tmp_path):
         store.put(bytes(100), "png")
         on_disk = sum(path.stat().st_size for path in tmp_path.iterdir())
         assert on_disk <= 250
+
+
+def test_an_edit_without_a_size_keeps_the_uploads_shape_on_the_models_grid():
+    from hypergen.api.uploads import default_size
+
+    assert default_size(1000, 750, max_side=1024, min_side=64) == (1000, 752)
+    assert default_size(1000, 750, max_side=1024, min_side=64, multiple=16) == (992, 752)  # FLUX.1, SD 3.5: 16
+    assert default_size(4000, 3000, max_side=1024, min_side=64, multiple=16) == (1024, 768)
+    assert default_size(20, 900, max_side=1000, min_side=64, multiple=16) == (64, 896)  # never below the limits
