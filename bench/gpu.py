@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.run import bench_encoding, run_load
+from bench.run import batching_gain, bench_encoding, run_load
 
 MB = 1024 * 1024
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets, fp16 and bf16 with fp32
@@ -543,14 +543,7 @@ def bench_server(run: Run, plan: Plan) -> None:
     with serve(1) as server:
         server.wait_ready(timeout=600)
         unbatched = run_load(server.base_url, top["concurrency"], top["requests"], body)
-    server_result["batching_gain"] = {
-        "concurrency": top["concurrency"],
-        "ratio": top["images_per_s"] / unbatched["images_per_s"],
-        "batched_images_per_s": top["images_per_s"],
-        "unbatched_images_per_s": unbatched["images_per_s"],
-        "batched_p95_ms": top["latency_p95_ms"],
-        "unbatched_p95_ms": unbatched["latency_p95_ms"],
-    }
+    server_result["batching_gain"] = batching_gain(top, unbatched)
     shutil.rmtree(model_dir, ignore_errors=True)
     run.save()
 

@@ -14,18 +14,14 @@ given; the others (Qwen-Image's video VAE, Sana's DC-AE, PixArt-Σ's 8× VAE) ar
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..engine.pipelines import MODEL_DEFAULTS_FILE
-from .pipelines import char_clip_tokenizer, char_t5_tokenizer, pixel_vae, save_tiny_pipeline
+from .pipelines import char_clip_tokenizer, char_t5_tokenizer, pixel_vae, save_atomically, save_tiny_pipeline
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux", "qwen-image", "z-image", "sana", "pixart-sigma")
 
@@ -375,18 +371,4 @@ def save_tiny_family(kind: str, out_dir: str | os.PathLike[str], seed: int = 0, 
     settings = {"num_inference_steps": 4, **FAMILY_DEFAULTS[kind], **defaults}
     if kind in ("sd", "sdxl"):
         return save_tiny_pipeline(out_dir, kind=kind, seed=seed, **settings)
-    target = Path(out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        FAMILY_BUILDERS[kind](seed).save_pretrained(staging, safe_serialization=True)
-        meta = {"random_weights": True, "family": kind, **settings}
-        (staging / MODEL_DEFAULTS_FILE).write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return save_atomically(FAMILY_BUILDERS[kind](seed), Path(out_dir), {"random_weights": True, "family": kind, **settings})

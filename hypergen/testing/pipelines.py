@@ -216,12 +216,17 @@ def save_tiny_pipeline(directory: str | os.PathLike[str], kind: str = "sd", seed
     Written to a temporary sibling and renamed into place, so concurrent workers never load a
     half-written directory.
     """
-    target = Path(directory)
+    meta = {"random_weights": True, "num_inference_steps": 20, "guidance_scale": 7.5, **defaults}
+    return save_atomically(TINY_BUILDERS[kind](seed), Path(directory), meta)
+
+
+def save_atomically(pipe: Any, target: Path, meta: dict[str, Any]) -> Path:
+    """`pipe.save_pretrained` plus a `hypergen.json` of `meta`, written to a temporary sibling and
+    renamed into place (if another process got there first, its copy stays)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        TINY_BUILDERS[kind](seed).save_pretrained(staging, safe_serialization=True)
-        meta = {"random_weights": True, "num_inference_steps": 20, "guidance_scale": 7.5, **defaults}
+        pipe.save_pretrained(staging, safe_serialization=True)
         (staging / MODEL_DEFAULTS_FILE).write_text(json.dumps(meta, indent=2))
         try:
             os.rename(staging, target)
