@@ -52,14 +52,16 @@ class ShutdownGate:
 
     def _chained(self, previous: Any, loop: asyncio.AbstractEventLoop) -> Callable[[int, FrameType | None], None]:
         def handler(signum: int, frame: FrameType | None) -> None:
-            if not self.closing:
-                self.closing = True
-                # Now, before uvicorn closes its descriptor (it would no longer be found here);
-                # the rest runs on the loop, not inside a signal handler.
-                stopped = stop_listening()
-                loop.call_soon_threadsafe(self._closed, stopped)
-            if callable(previous):
-                previous(signum, frame)
+            try:
+                if not self.closing:
+                    self.closing = True
+                    # Now, before uvicorn closes its descriptor (it would no longer be found here);
+                    # the rest runs on the loop, not inside a signal handler.
+                    stopped = stop_listening()
+                    loop.call_soon_threadsafe(self._closed, stopped)
+            finally:  # whatever happened above, uvicorn's graceful exit still starts
+                if callable(previous):
+                    previous(signum, frame)
 
         return handler
 

@@ -38,6 +38,8 @@ def test_sigterm_refuses_new_connections_turns_the_queue_away_and_lets_the_runni
         app.state.shutdown.install(on_close=app.state.serving.queue.close)
         async with http(app) as client:
             running = asyncio.create_task(client.post("/v1/images/generations", json={"prompt": "running"}))
+            while worker.calls < 1:  # in the worker, holding the only slot
+                await asyncio.sleep(0.01)
             queued = asyncio.create_task(client.post("/v1/images/generations", json={"prompt": "queued"}))
             while app.state.serving.queue.depth < 1:
                 await asyncio.sleep(0.01)
