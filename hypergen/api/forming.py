@@ -68,7 +68,8 @@ class BatchFormer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._pending = [waiting for waiting in self._pending if not waiting.future.done()]
+        # Callers that left are skipped (and so is anything left from an event loop that is gone).
+        self._pending = [waiting for waiting in self._pending if not waiting.future.done() and waiting.future.get_loop() is loop]
         while self._pending and self._calls < self.pool.size:
             images = sum(waiting.job.n for waiting in self._pending)
             ready_at = max(self._pending[0].arrived, self._free_since) + self.window()

@@ -89,7 +89,7 @@ class BatchRunner:
         self.table = table
         self.max_batch_size = max_batch_size
         self.busy: dict[str, Any] | None = None  # the pipeline call running now, for /health
-        self.schedulers: dict[str, SchedulerChoice] = {}  # model → its schedulers by name
+        self.schedulers: dict[tuple[str, str], SchedulerChoice] = {}  # (model, mode) → its schedulers by name
 
     def run(self, jobs: list[GenerationJob], tickets: dict[int, StreamTicket] | None = None) -> list[GenerationResult]:
         """Run jobs (in arrival order) as grouped pipeline calls; one result per job. Streaming
@@ -198,7 +198,10 @@ class BatchRunner:
         arguments.update(step_callback_arguments(pipe, previews))
         own_scheduler = pipe.scheduler
         if first.scheduler is not None:
-            pipe.scheduler = self.schedulers.setdefault(loaded.name, SchedulerChoice(own_scheduler)).fresh(first.scheduler)
+            key = (loaded.name, first.mode)  # a dedicated inpainting model has a scheduler of its own
+            if key not in self.schedulers:
+                self.schedulers[key] = SchedulerChoice(own_scheduler)
+            pipe.scheduler = self.schedulers[key].fresh(first.scheduler)
         started = time.perf_counter()
         self.busy = busy
         try:
