@@ -5,7 +5,6 @@ checkpoint, start-up adapters), finding one by name, their limits, and where the
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from pathlib import Path
@@ -17,7 +16,6 @@ from ..metrics import metrics
 from ..protocol import LoraCommand, LoraReply, ModelLimits, WorkerError
 from .loras import LoraError, LoraManager, resolve_allowed_path, shown_path
 from .residency import MB, ModelResidency
-from .schedulers import scheduler_names
 
 logger = logging.getLogger("hypergen.engine")
 
@@ -44,17 +42,6 @@ def pipeline_bytes(loaded: Any) -> int:
     return sum(t.numel() * t.element_size() for module in modules.values() for t in (*module.parameters(), *module.buffers()))
 
 
-def quality_steps(loaded: Any) -> dict[str, int]:
-    """`quality` → steps: hypergen.json's `quality_steps` where it says, else 40 % / 100 % / 150 %
-    of the model's recommended steps."""
-    from .pipelines import read_model_defaults
-
-    default = loaded.default_steps
-    steps = {"low": max(1, math.ceil(default * 0.4)), "medium": default, "high": min(150, math.ceil(default * 1.5))}
-    configured = read_model_defaults(loaded.source).get("quality_steps", {})
-    return {name: int(configured.get(name, value)) for name, value in steps.items()}
-
-
 def model_limits(loaded: Any) -> ModelLimits:
     from .pipelines import size_multiple
 
@@ -68,8 +55,8 @@ def model_limits(loaded: Any) -> ModelLimits:
         default_steps=loaded.default_steps,
         default_guidance_scale=loaded.default_guidance_scale,
         modes=list(loaded.modes),
-        schedulers=scheduler_names(loaded.pipe.scheduler),
-        quality_steps=quality_steps(loaded),
+        schedulers=loaded.schedulers,
+        quality_steps=loaded.quality_steps,
         size_multiple=size_multiple(loaded.pipe),
     )
 

@@ -20,6 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import PipelineLevers
+from .schedulers import scheduler_names
 
 logger = logging.getLogger("hypergen.pipelines")
 
@@ -53,6 +54,10 @@ class LoadedPipeline:
     modes: dict[str, Any] = field(default_factory=dict)
     # The speed levers applied at load; every call of these pipelines runs in `call_context(levers)`.
     levers: PipelineLevers = field(default_factory=PipelineLevers)
+    # `quality` → steps (hypergen.json's `quality_steps`, else shares of `default_steps`), read at load.
+    quality_steps: dict[str, int] = field(default_factory=dict)
+    # The `scheduler` names that fit its own scheduler, found at load (calls swap `pipe.scheduler`).
+    schedulers: list[str] = field(default_factory=list)
 
 
 def choose_device(requested: str | None = None) -> str:
@@ -113,7 +118,16 @@ def load_text_to_image(name: str, source: str, device: str | None = None, levers
         load_seconds=time.perf_counter() - started,
         modes=modes,
         levers=levers,
+        quality_steps=quality_budget(int(defaults.get("num_inference_steps", 50)), defaults.get("quality_steps", {})),
+        schedulers=scheduler_names(pipe.scheduler),
     )
+
+
+def quality_budget(default_steps: int, configured: dict[str, Any]) -> dict[str, int]:
+    """`quality` → steps: hypergen.json's `quality_steps` where it says, else 40 % / 100 % / 150 %
+    of the model's recommended steps (at most 150)."""
+    steps = {"low": max(1, math.ceil(default_steps * 0.4)), "medium": default_steps, "high": min(150, math.ceil(default_steps * 1.5))}
+    return {name: int(configured.get(name, value)) for name, value in steps.items()}
 
 
 def describe_components(pipe: Any) -> str:

@@ -3,12 +3,11 @@
 import base64
 import io
 import json
-from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
 
-from hypergen.engine.models import quality_steps
+from hypergen.engine.pipelines import quality_budget, read_model_defaults
 
 from .conftest import EngineClient, http, run
 
@@ -52,7 +51,7 @@ def test_quality_is_a_step_budget_and_explicit_steps_win(make_app, engine):
 
 def test_a_model_may_set_its_quality_budget_in_hypergen_json(tmp_path):
     (tmp_path / "hypergen.json").write_text(json.dumps({"quality_steps": {"low": 3, "high": 40}}))
-    assert quality_steps(SimpleNamespace(default_steps=20, source=str(tmp_path))) == {"low": 3, "medium": 20, "high": 40}
+    assert quality_budget(20, read_model_defaults(str(tmp_path))["quality_steps"]) == {"low": 3, "medium": 20, "high": 40}
 
 
 def test_a_transparent_background_is_refused_never_faked(make_app, engine):
