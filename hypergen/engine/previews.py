@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -183,6 +184,21 @@ class InterruptedInsideStep(Exception):
 _BLOCK_NAME = re.compile(r"^((encoder|decoder)\.)?(down_blocks|up_blocks|mid_block|transformer_blocks|single_transformer_blocks)(\.\d+)?$")
 
 
+# component → its blocks, found once (walking a full-size UNet's modules on every call is not free).
+_BLOCKS: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+
+
+def checked_blocks(component: Any) -> list[Any]:
+    """The blocks of a denoiser or autoencoder that check for cancellation before they run."""
+    import torch
+
+    if component not in _BLOCKS:
+        _BLOCKS[component] = [
+            module for path, module in component.named_modules() if _BLOCK_NAME.match(path) and not isinstance(module, torch.nn.ModuleList)
+        ]
+    return _BLOCKS[component]
+
+
 @contextmanager
 def interrupt_inside_steps(pipe: Any, gone: Callable[[], bool]) -> Iterator[None]:
     """While the block runs, every block of the pipeline's denoiser and autoencoder first asks
@@ -196,10 +212,10 @@ def interrupt_inside_steps(pipe: Any, gone: Callable[[], bool]) -> Iterator[None
     handles = []
     for name in ("unet", "transformer", "vae"):
         component = getattr(pipe, name, None)
-        if isinstance(component, torch.nn.Module):
-            for path, module in component.named_modules():
-                if _BLOCK_NAME.match(path) and not isinstance(module, torch.nn.ModuleList):
-                    handles.append(module.register_forward_pre_hook(check))
+        # A compiled denoiser (HYPERGEN_TORCH_COMPILE) is left alone: hooks added per call would
+        # make it recompile; its calls stop at the step's end as before.
+        if isinstance(component, torch.nn.Module) and getattr(component, "_compiled_call_impl", None) is None:
+            handles += [block.register_forward_pre_hook(check) for block in checked_blocks(component)]
     try:
         yield
     finally:

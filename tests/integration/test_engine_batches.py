@@ -93,3 +93,17 @@ def test_a_cancel_reaches_inside_a_single_step(engine):
     assert result.images_b64 == [] and result.error.status == 499
     assert "inside step 1 of 1" in result.error.message
     assert engine.run_batch([job("after", seeds=(2,))])[0].error is None  # the pipeline is fine afterwards
+
+
+def test_a_compiled_denoiser_gets_no_per_call_hooks(engine):
+    """Hooks added and removed on every call would make a torch.compile'd UNet recompile each time."""
+    from hypergen.engine.previews import interrupt_inside_steps
+
+    pipe = engine.models.default.pipe
+    pipe.unet._compiled_call_impl = pipe.unet._call_impl  # what nn.Module.compile sets, without compiling
+    try:
+        with interrupt_inside_steps(pipe, lambda: False):
+            assert not any(module._forward_pre_hooks for module in pipe.unet.modules())
+            assert any(module._forward_pre_hooks for module in pipe.vae.modules())
+    finally:
+        pipe.unet._compiled_call_impl = None
