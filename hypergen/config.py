@@ -24,6 +24,12 @@ DEFAULT_MODEL_NAME = "hypergen-tiny-sd"
 # process reads the start-up adapters too, and stays free of torch.
 EMBEDDED_LORA_NAME = "outline"
 EMBEDDED_LORA_DIR = Path(__file__).resolve().parent / "assets" / "demo-lora"
+# The embedded demo video model (`python -m training.demo_video`: the demo model's shapes, moving),
+# served by default beside the embedded image model.
+EMBEDDED_VIDEO_DIR = Path(__file__).resolve().parent / "assets" / "demo-video"
+DEFAULT_VIDEO_MODEL_NAME = "hypergen-tiny-video"
+# HYPERGEN_VIDEO_MODEL values that turn video off.
+NO_VIDEO_WORDS = ("", "none", "off")
 
 
 # HYPERGEN_ATTENTION_BACKEND values: torch's scaled_dot_product_attention kernels by their short names.
@@ -103,6 +109,17 @@ class Settings(BaseSettings):
     fuse_qkv: bool = Field(default=False, description="fuse the attention q/k/v projections (pipe.fuse_qkv_projections)")
     vae_tiling: bool = Field(default=False, description="decode large images tile by tile (less memory)")
     vae_slicing: bool = Field(default=False, description="decode a batch one image at a time (less memory)")
+    # Video (`/v1/videos`): a diffusers video pipeline, its jobs in SQLite and its files on disk.
+    video_model: str | None = Field(
+        default=None,
+        description="diffusers video pipeline (id, directory or BentoML tag); unset = the embedded demo video model "
+        "when the embedded image model is served; 'none' = no video",
+    )
+    video_model_name: str | None = Field(default=None, description="id of the video model in /v1/models and `model`")
+    video_dir: Path | None = Field(default=None, description="where video files are kept; unset = HYPERGEN_HOME/videos")
+    video_db: Path | None = Field(default=None, description="the SQLite file of video jobs; unset = VIDEO_DIR/videos.sqlite3")
+    video_ttl: float = Field(default=86400.0, gt=0, description="seconds a video and its files are kept after it completes")
+    max_video_queue: int = Field(default=20, ge=0, description="video jobs queued or rendering; beyond: 503")
 
     @field_validator("models")
     @classmethod
@@ -192,6 +209,29 @@ class Settings(BaseSettings):
         )
 
     @property
+    def video_model_source(self) -> str | None:
+        """The video model's directory or id; None when video is off."""
+        if self.video_model is not None:
+            return None if self.video_model.strip().lower() in NO_VIDEO_WORDS else self.video_model.strip()
+        embedded = self.default_model_source is None and (EMBEDDED_VIDEO_DIR / "model_index.json").is_file()
+        return str(EMBEDDED_VIDEO_DIR) if embedded else None
+
+    @property
+    def served_video_model_name(self) -> str | None:
+        source = self.video_model_source
+        if source is None:
+            return None
+        if self.video_model_name:
+            return self.video_model_name
+        if source == str(EMBEDDED_VIDEO_DIR):
+            return DEFAULT_VIDEO_MODEL_NAME
+        return model_name_of(source)
+
+    @property
+    def videos_path(self) -> Path:
+        return self.video_dir or self.home / "videos"
+
+    @property
     def model_names(self) -> list[str]:
         return [self.served_model_name, *(name for name, _ in self.extra_models)]
 
@@ -209,12 +249,18 @@ class Settings(BaseSettings):
             return parse_model_specs(self.models)[0][0]
         if not self.model:
             return DEFAULT_MODEL_NAME
-        source = self.model.rstrip("/")
-        if is_bentoml_tag(source):
-            return source.split(":", 1)[0]
-        if os.path.isdir(source):
-            return Path(source).name
-        return source  # a Hub id such as "stabilityai/sdxl-turbo"
+        return model_name_of(self.model)
+
+
+def model_name_of(source: str) -> str:
+    """The id a model is served under when no name is configured: a tag's name, a directory's
+    name, or the Hub id itself (such as "stabilityai/sdxl-turbo")."""
+    source = source.rstrip("/")
+    if is_bentoml_tag(source):
+        return source.split(":", 1)[0]
+    if os.path.isdir(source):
+        return Path(source).name
+    return source
 
 
 class LoraSpec(BaseModel):

@@ -87,6 +87,10 @@ def metrics() -> SimpleNamespace:
         model_moves=Counter(
             "hypergen_model_moves_total", "Models offloaded from or moved back to the device (memory budget)", ["model", "direction"]
         ),
+        video_jobs=Counter("hypergen_video_jobs_total", "Video jobs by how they ended (or were refused)", ["status"]),
+        video_queue=Gauge("hypergen_video_queue_depth", "Video jobs queued or rendering", multiprocess_mode="livesum"),
+        video_render_seconds=Histogram("hypergen_video_render_seconds", "Pipeline time per video job", buckets=LATENCY_BUCKETS),
+        video_frames=Counter("hypergen_video_frames_total", "Video frames rendered"),
         gpu_memory_bytes=Gauge(
             "hypergen_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated per worker", multiprocess_mode="livesum"
         ),

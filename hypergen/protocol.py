@@ -269,6 +269,8 @@ class ModelCard(BaseModel):
     max_size: str | None = Field(default=None, description="The largest size it makes.")
     modes: list[str] | None = Field(default=None, description="text-to-image, image-to-image, inpainting")
     schedulers: list[str] | None = Field(default=None, description="The names `scheduler` accepts for it.")
+    fps: int | None = Field(default=None, description="A video model's frames per second.")
+    max_frames: int | None = Field(default=None, description="The most frames a video model makes in one video.")
 
 
 class ModelList(BaseModel):
@@ -500,6 +502,37 @@ WorkerEvent = Annotated[ProgressEvent | PartialImageEvent | ImageEvent | DoneEve
 WORKER_EVENT: TypeAdapter[WorkerEvent] = TypeAdapter(WorkerEvent)
 
 
+VideoMode = Literal["text-to-video", "image-to-video"]
+
+
+class VideoLimits(ModelLimits):
+    """What the served video model makes; the worker reports it, the API validates with it."""
+
+    fps: int = 8
+    default_frames: int = 16
+    max_frames: int = 16
+    frame_step: int = Field(default=1, description="valid frame counts are frame_offset + k * frame_step (Wan: 4k + 1)")
+    frame_offset: int = 0
+
+    def valid_frames(self, frames: int) -> bool:
+        return 1 <= frames <= self.max_frames and (frames - self.frame_offset) % self.frame_step == 0
+
+    def nearest_frames(self, frames: float) -> int:
+        """The valid frame count nearest `frames` (at least the smallest, at most `max_frames`)."""
+        step, offset = self.frame_step, self.frame_offset
+        k = max(0 if offset else 1, round((frames - offset) / step))
+        return min(offset + k * step, offset + (self.max_frames - offset) // step * step)
+
+    def allowed_frames(self) -> str:
+        if self.frame_step == 1:
+            return f"1 to {self.max_frames} frames"
+        return f"{self.frame_offset} + a multiple of {self.frame_step} frames, up to {self.max_frames}"
+
+    def allowed_seconds(self, fps: int) -> str:
+        smallest = (self.frame_offset or self.frame_step) / fps
+        return f"from {smallest:g} to {self.max_frames / fps:g} seconds at {fps} fps"
+
+
 class WorkerStatus(BaseModel):
     """Readiness and what the worker serves."""
 
@@ -515,6 +548,9 @@ class WorkerStatus(BaseModel):
         default_factory=list,
         description="pipeline calls running now: requests, images, size, steps, step, started_at (time.time())",
     )
+    video: VideoLimits | None = Field(default=None, description="the video model, once loaded")
+    video_detail: str = Field(default="", description="why there is no video model yet (loading, failed, none configured)")
+    video_busy: dict[str, Any] | None = Field(default=None, description="the video job rendering now: job, step, steps")
 
 
 class LoraCommand(BaseModel):

@@ -13,6 +13,7 @@ import bentoml
 from hypergen.api.app import create_app
 from hypergen.api.auth import ApiKeyAuth
 from hypergen.api.serving import ImageServing
+from hypergen.api.videos import VideoServing
 from hypergen.api.worker_client import connect_workers
 from hypergen.bento import (
     depend_on_each,
@@ -27,6 +28,7 @@ from hypergen.config import load_settings
 from hypergen.logs import access_logging, configure_logging
 from hypergen.metrics import use_own_multiprocess_dir
 from hypergen.protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerStatus
+from hypergen.video_protocol import VideoJob
 
 use_own_multiprocess_dir()  # before BentoML picks the one directory every server shares
 settings = load_settings(vars(bentoml.use_arguments()))
@@ -62,6 +64,15 @@ class DiffusionWorker:
         self.engine.cancel(job_id)
 
     @bentoml.api
+    async def render_video(self, job: VideoJob) -> AsyncGenerator[str, None]:
+        async for event in self.engine.render_video(job):
+            yield event.model_dump_json() + "\n"
+
+    @bentoml.api
+    async def cancel_video(self, job_id: str) -> None:
+        self.engine.cancel_video(job_id)
+
+    @bentoml.api
     async def status(self) -> WorkerStatus:
         return self.engine.status()
 
@@ -89,9 +100,11 @@ class ImageAPI:
         app.state.auth = ApiKeyAuth(settings.api_key_list)
         app.state.auth.warn_if_open()
         app.state.serving = ImageServing(settings, connect_workers(workers))
+        app.state.videos = VideoServing(settings, app.state.serving.worker, app.state.serving.readiness)
 
     @bentoml.on_startup
     async def warm_up(self) -> None:
         # SIGTERM: refuse new connections and turn the queue away at once, finish what runs.
         app.state.shutdown.install(on_close=app.state.serving.queue.close)
         app.state.serving.readiness.start_polling()
+        app.state.videos.start()

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from .. import __version__
 from ..errors import install_error_handlers
 from .middleware import RequestLimits
-from .routes import images, models, ops
+from .routes import images, models, ops, videos
 from .routes.playground import mount_playground
 from .shutdown import ShutdownGate
 
@@ -24,7 +24,7 @@ def create_app(max_body_bytes: int = 50 * MIB, max_bytes_in_flight: int = 256 * 
     install_error_handlers(app)
     app.state.shutdown = ShutdownGate()  # its signal handlers are installed when the service starts
     app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes, max_bytes_in_flight=max_bytes_in_flight)
-    for router in (images.router, models.router, ops.router):
+    for router in (images.router, videos.router, models.router, ops.router):
         app.include_router(router)
     mount_playground(app)
     ops.add_unknown_route(app)  # last: routes match in the order they were added

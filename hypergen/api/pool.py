@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..protocol import GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerEvent, WorkerStatus
+from ..video_protocol import VideoEvent, VideoJob
 
 logger = logging.getLogger("hypergen.pool")
 
@@ -32,6 +33,7 @@ class WorkerLoad:
 
     name: str
     ready: bool = False  # until a status check says so and its batcher is warm
+    video: bool = False  # whether its video model is loaded
     in_flight_images: int = 0
     served: int = 0
     failed: int = 0
@@ -77,6 +79,8 @@ class WorkerPool:
         self._turn = 0
         self._adapters: dict[str, LoraCommand] = {}  # adapters loaded at run time, by name
         self.warm_up_calls = warm_up_calls  # one-step calls that warm a restarted worker's batcher
+        self._rendering: list[int] = []  # the worker of each video job rendering now
+        self._video_owner: dict[str, int] = {}  # video job id → its worker
 
     @property
     def size(self) -> int:
@@ -145,6 +149,29 @@ class WorkerPool:
         finally:
             self._release(index, job.n, [job.job_id], outcome)
 
+    async def render_video(self, job: VideoJob) -> AsyncIterator[VideoEvent]:
+        """A video job on a ready worker with a video model (the least busy with images); a
+        worker that fails mid-render is marked like one that fails an image call."""
+        with_video = [index for index, load in enumerate(self.loads) if load.ready and load.video]
+        index = min(with_video or range(self.size), key=lambda i: (self._rendering.count(i), self.loads[i].in_flight_images))
+        self._rendering.append(index)
+        self._video_owner[job.job_id] = index
+        try:
+            async with aclosing(self._workers[index].render_video(job)) as events:
+                async for event in events:
+                    yield event
+        except Exception as error:
+            self._mark_failed(index, error)
+            raise
+        finally:
+            self._rendering.remove(index)
+            self._video_owner.pop(job.job_id, None)
+
+    async def cancel_video(self, job_id: str) -> None:
+        index = self._video_owner.get(job_id)
+        if index is not None:
+            await self._workers[index].cancel_video(job_id)
+
     async def cancel(self, job_id: str) -> None:
         index = self._owner.get(job_id, self._abandoned.pop(job_id, None))
         if index is not None:  # else never dispatched, or finished: nothing runs anywhere
@@ -160,6 +187,7 @@ class WorkerPool:
             if isinstance(status, BaseException):
                 status = WorkerStatus(ready=False, detail=f"not reachable ({type(status).__name__})")
             load.device, load.pid = status.device or load.device, status.pid or load.pid
+            load.video = status.video is not None
             if status.ready and not load.ready:
                 # Back after a restart: it rejoins once it has caught up (in the background).
                 if load.catching_up is None:

@@ -28,6 +28,7 @@ from ..protocol import (
     ModelCard,
     ModelLimits,
     ModelList,
+    VideoLimits,
 )
 from . import jobs
 from .dispatch import Admission, Dispatcher
@@ -67,20 +68,29 @@ class ImageServing:
     async def health(self) -> tuple[bool, dict[str, Any]]:
         return await self.readiness.health(self.settings.served_model_name, self.queue, self.settings.max_queue)
 
+    @property
+    def all_model_names(self) -> list[str]:
+        """The image models, then the video model (if any)."""
+        video = self.settings.served_video_model_name
+        return [*self.settings.model_names, *([video] if video else [])]
+
     async def model_list(self) -> ModelList:
-        return ModelList(data=[await self.model_card(name) for name in self.settings.model_names])
+        return ModelList(data=[await self.model_card(name) for name in self.all_model_names])
 
     async def model_card(self, model_id: str) -> ModelCard:
-        """OpenAI's model object; with its sizes, modes and schedulers once the worker has loaded it."""
-        if model_id not in self.settings.model_names:
-            raise model_not_found(model_id, self.settings.model_names)
+        """OpenAI's model object; with its sizes, modes and schedulers (a video model's fps and
+        frames) once the worker has loaded it."""
+        if model_id not in self.all_model_names:
+            raise model_not_found(model_id, self.all_model_names)
         card = ModelCard(id=model_id, created=self.started)
         status = await self.readiness.status()
-        for limits in status.models if status.ready else []:
+        for limits in [*status.models, *([status.video] if status.video else [])] if status.ready else []:
             if limits.id == model_id:
                 card.native_size = f"{limits.native_width}x{limits.native_height}"
                 card.max_size = f"{limits.max_side}x{limits.max_side}"
-                card.modes, card.schedulers = limits.modes, limits.schedulers
+                card.modes, card.schedulers = limits.modes, limits.schedulers or None
+                if isinstance(limits, VideoLimits):
+                    card.fps, card.max_frames = limits.fps, limits.max_frames
         return card
 
     async def manage_loras(self, command: LoraCommand, request_id: str) -> LoraReply:

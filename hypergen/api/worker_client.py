@@ -9,6 +9,7 @@ from contextlib import aclosing
 from typing import Any, Protocol
 
 from ..protocol import WORKER_EVENT, GenerationJob, GenerationResult, LoraCommand, LoraReply, WorkerEvent, WorkerStatus
+from ..video_protocol import VIDEO_EVENT, VideoEvent, VideoJob
 from .pool import WorkerPool
 
 # BentoML's adaptive batcher trains on its first 11 calls, and while training it holds single
@@ -30,6 +31,10 @@ class WorkerClient(Protocol):
     def generate_stream(self, job: GenerationJob, partial_images: int, progress: bool = False) -> AsyncIterator[WorkerEvent]: ...
 
     async def cancel(self, job_id: str) -> None: ...
+
+    def render_video(self, job: VideoJob) -> AsyncIterator[VideoEvent]: ...
+
+    async def cancel_video(self, job_id: str) -> None: ...
 
 
 def keep_worker_session_open(dependency: Any) -> None:
@@ -67,18 +72,32 @@ class BentoWorkerClient:
         await self._worker.to_async.cancel(job_id=job_id)
 
     async def generate_stream(self, job: GenerationJob, partial_images: int, progress: bool = False) -> AsyncIterator[WorkerEvent]:
-        """The worker's JSON-lines stream, reassembled into events (chunks may merge or split)."""
-        buffer = ""
-        # Leaving early does not close BentoML's HTTP response (the worker learns it through
-        # `cancel`), but aclosing still ends BentoML's generator now rather than at collection.
         stream = self._worker.to_async.generate_stream(job=job, partial_images=partial_images, progress=progress)
-        async with aclosing(stream) as chunks:
-            async for chunk in chunks:
-                buffer += chunk if isinstance(chunk, str) else chunk.decode()
-                while "\n" in buffer:
-                    line, buffer = buffer.split("\n", 1)
-                    if line.strip():
-                        yield WORKER_EVENT.validate_json(line)
+        async with aclosing(json_lines(stream)) as lines:
+            async for line in lines:
+                yield WORKER_EVENT.validate_json(line)
+
+    async def render_video(self, job: VideoJob) -> AsyncIterator[VideoEvent]:
+        async with aclosing(json_lines(self._worker.to_async.render_video(job=job))) as lines:
+            async for line in lines:
+                yield VIDEO_EVENT.validate_json(line)
+
+    async def cancel_video(self, job_id: str) -> None:
+        await self._worker.to_async.cancel_video(job_id=job_id)
+
+
+async def json_lines(stream: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """A worker's JSON-lines stream as whole lines (chunks may merge or split between services).
+    Leaving early does not close BentoML's HTTP response (the worker learns it through a cancel
+    call), but aclosing still ends BentoML's generator now rather than at collection."""
+    buffer = ""
+    async with aclosing(stream) as chunks:
+        async for chunk in chunks:
+            buffer += chunk if isinstance(chunk, str) else chunk.decode()
+            while "\n" in buffer:
+                line, buffer = buffer.split("\n", 1)
+                if line.strip():
+                    yield line
 
 
 def connect_workers(dependencies: dict[str, Any], warm_up_calls: int = BATCHER_WARMUP_CALLS) -> WorkerPool:

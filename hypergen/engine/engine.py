@@ -24,10 +24,13 @@ from ..protocol import (
     WorkerEvent,
     WorkerStatus,
 )
+from ..video_protocol import VideoEvent, VideoJob
 from .calls import BatchRunner
 from .models import ServedModels
 from .previews import StreamTicket
 from .streams import JobTable
+from .video import ImagesFirst
+from .video_runner import VideoRenderer
 
 logger = logging.getLogger("hypergen.engine")
 
@@ -42,6 +45,9 @@ class DiffusionEngine:
         self.jobs = JobTable()
         self.runner = BatchRunner(self.models, self.jobs, settings.max_batch_size)
         self._loading: Future[None] = self._executor.submit(self.models.load)
+        # Video renders on a thread of its own, pausing between steps while image calls run.
+        self.images_first = ImagesFirst()
+        self.video = VideoRenderer(settings, self.images_first, after=self._loading)
 
     def status(self) -> WorkerStatus:
         models = self.models
@@ -50,6 +56,7 @@ class DiffusionEngine:
         if not models.ready:
             return WorkerStatus(ready=False, detail="loading the model")
         return WorkerStatus(
+            **self.video.status_fields(),
             ready=True,
             device=models.default.device,
             dtype=str(models.default.dtype).replace("torch.", ""),
@@ -61,7 +68,11 @@ class DiffusionEngine:
 
     async def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult]:
         """Run a batch on the pipeline thread; one result per job, in order."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, list(jobs))
+        self.images_first.image_call_started()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, list(jobs))
+        finally:
+            self.images_first.image_call_ended()
 
     def run_batch(self, jobs: list[GenerationJob], tickets: dict[int, StreamTicket] | None = None) -> list[GenerationResult]:
         """On the pipeline thread (or a test's): see `BatchRunner.run`."""
@@ -76,6 +87,7 @@ class DiffusionEngine:
         events: asyncio.Queue[WorkerEvent] = asyncio.Queue()
         ticket = StreamTicket(job, partial_images, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), progress)
         self.jobs.open_stream(ticket)
+        self.images_first.image_call_started()
         loop.run_in_executor(self._executor, self._drain_streams)
         try:
             while True:
@@ -84,6 +96,7 @@ class DiffusionEngine:
                 if isinstance(event, DoneEvent):
                     return
         finally:
+            self.images_first.image_call_ended()
             self.jobs.close_stream(ticket)
 
     def cancel(self, job_id: str) -> None:
@@ -102,6 +115,13 @@ class DiffusionEngine:
             for index, image in enumerate(result.images_b64 if result.error is None else []):
                 ticket.emit(ImageEvent(image_index=index, b64_json=image))
             ticket.emit(DoneEvent(result=result.model_copy(update={"images_b64": []})))
+
+    def render_video(self, job: VideoJob) -> AsyncIterator[VideoEvent]:
+        """Progress events, then the video's files or its error (`VideoRenderer.render`)."""
+        return self.video.render(job)
+
+    def cancel_video(self, job_id: str) -> None:
+        self.video.cancel(job_id)
 
     async def manage_loras(self, command: LoraCommand) -> LoraReply:
         """List, load or unload adapters, on the pipeline thread (never during a pipeline call)."""

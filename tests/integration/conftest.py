@@ -42,6 +42,12 @@ class EngineClient:
     async def cancel(self, job_id: str) -> None:
         self.engine.cancel(job_id)
 
+    def render_video(self, job):
+        return self.engine.render_video(job)
+
+    async def cancel_video(self, job_id: str) -> None:
+        self.engine.cancel_video(job_id)
+
 
 def start_engine(settings: Settings, model_path) -> DiffusionEngine:  # noqa: F821
     """A DiffusionEngine on `model_path`, once it reports ready (start-up LoRAs included)."""

@@ -37,8 +37,11 @@ async def prometheus_metrics(request: Request, images: ImageServing = Depends(se
 
 
 @router.get("/health")
-async def health(images: ImageServing = Depends(serving)) -> JSONResponse:
+async def health(request: Request, images: ImageServing = Depends(serving)) -> JSONResponse:
     ready, body = await images.health()
+    videos = getattr(request.app.state, "videos", None)
+    if videos is not None and videos.model_name is not None:
+        body["video"] = videos.health(await images.readiness.status())
     return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
 
 
