@@ -60,3 +60,17 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     from hypergen.testing import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", kind="sdxl", seed=2, num_inference_steps=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory):
+    from hypergen.testing.videos import save_tiny_video_family
+
+    return save_tiny_video_family("wan", tmp_path_factory.mktemp("videos") / "tiny-wan", max_frames=17, max_side=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_ltx_dir(tmp_path_factory):
+    from hypergen.testing.videos import save_tiny_video_family
+
+    return save_tiny_video_family("ltx", tmp_path_factory.mktemp("videos") / "tiny-ltx", max_frames=17, max_side=64)

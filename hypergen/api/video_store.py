@@ -9,6 +9,7 @@ the video expires or is deleted.
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import sqlite3
 import threading
@@ -33,17 +34,38 @@ CREATE INDEX IF NOT EXISTS videos_by_owner ON videos (owner, created_at);
 """
 
 
+class VideoDirectoryInUse(RuntimeError):
+    pass
+
+
 class VideoStore:
-    """Records and files of video jobs; every method is safe to call from any thread."""
+    """Records and files of video jobs; every method is safe to call from any thread.
+
+    One server owns a video directory at a time (an exclusive lock on `<dir>/.lock`, freed when
+    the process ends): at start a server fails the jobs left rendering, which must be its own
+    predecessor's, not a live neighbour's."""
 
     def __init__(self, db_path: Path, files_dir: Path) -> None:
         files_dir.mkdir(parents=True, exist_ok=True)
         db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(files_dir / ".lock", "a+")  # noqa: SIM115 (held for the process's life)
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise VideoDirectoryInUse(
+                f"the video directory {files_dir} is in use by another HyperGen server; give each server its own HYPERGEN_VIDEO_DIR"
+            ) from None
         self.files_dir = files_dir
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        """Let another server take the directory (what the process's exit does)."""
+        self._db.close()
+        self._lock_file.close()
 
     def add(self, resource: VideoResource, job: VideoJob, owner: str) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -24,7 +25,7 @@ from .pool import WorkerPool
 from .readiness import Readiness
 from .uploads import fit_upload, open_upload
 from .video_jobs import build_video_job, new_video_id, queued_resource, resolve_video_size
-from .video_store import VideoStore
+from .video_store import VideoDirectoryInUse, VideoStore
 
 logger = logging.getLogger("hypergen.videos")
 
@@ -42,8 +43,15 @@ class VideoServing:
         self.pool = pool
         self.readiness = readiness
         self.model_name = settings.served_video_model_name
-        directory = settings.videos_path
-        self.store = store or VideoStore(settings.video_db or directory / "videos.sqlite3", directory)
+        self.unavailable: str | None = None  # why this server keeps no videos
+        self.store: VideoStore = store  # type: ignore[assignment]  (None only with `unavailable` set)
+        if store is None and self.model_name is not None:
+            directory = settings.videos_path
+            try:
+                self.store = VideoStore(settings.video_db or directory / "videos.sqlite3", directory)
+            except (VideoDirectoryInUse, OSError, sqlite3.Error) as error:
+                self.unavailable = str(error)
+                logger.error("videos are off on this server: %s", error)
         self._queue: asyncio.Queue[str] | None = None
         self._watchers: dict[str, set[asyncio.Queue[VideoResource]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -52,6 +60,8 @@ class VideoServing:
 
     def start(self) -> None:
         """In the API's event loop: recover what a previous server left, start the runners."""
+        if self.model_name is None or self.unavailable:
+            return
         self._queue = asyncio.Queue()
         for video_id in self.store.recover(INTERRUPTED):
             self._queue.put_nowait(video_id)
@@ -135,8 +145,7 @@ class VideoServing:
 
     async def limits(self) -> VideoLimits:
         """The served video model's limits; 404 when there is none, 503 while it loads."""
-        if self.model_name is None:
-            raise OpenAIError(404, "This server serves no video model (set HYPERGEN_VIDEO_MODEL).", param="model", code="model_not_found")
+        self.require_store()
         status = await self.readiness.status()
         if status.video is None:
             metrics().rejected.labels(reason="not_ready").inc()
@@ -193,7 +202,19 @@ class VideoServing:
 
     # --- reading -------------------------------------------------------------------------------
 
+    def require_store(self) -> VideoStore:
+        """The store; 404 when this server serves no video model, 503 when its directory is unusable."""
+        if self.model_name is None:
+            raise OpenAIError(404, "This server serves no video model (set HYPERGEN_VIDEO_MODEL).", param="model", code="model_not_found")
+        if self.unavailable:
+            raise OpenAIError(503, f"Videos are unavailable on this server: {self.unavailable}.", type="server_error", code="not_ready")
+        return self.store
+
+    def page(self, owner: str, limit: int, order: str, after: str | None) -> tuple[list[VideoResource], bool]:
+        return self.require_store().page(owner, limit, order, after)
+
     def get(self, video_id: str, owner: str) -> VideoResource:
+        self.require_store()
         resource = self.store.get(video_id, owner)
         if resource is None:
             raise video_not_found(video_id)
@@ -237,6 +258,8 @@ class VideoServing:
 
     def health(self, status: WorkerStatus) -> dict[str, object]:
         """/health's `video`: whether the model is ready, the jobs waiting, the one rendering."""
+        if self.unavailable:
+            return {"model": self.model_name, "ready": False, "detail": self.unavailable}
         body: dict[str, object] = {"model": self.model_name, "ready": status.video is not None, "unfinished": self.store.count_unfinished()}
         if status.video is None:
             body["detail"] = status.video_detail or status.detail

@@ -17,6 +17,7 @@ from PIL import Image
 
 from hypergen.api.pool import WorkerPool
 from hypergen.api.serving import ImageServing
+from hypergen.api.video_store import VideoDirectoryInUse, VideoStore
 from hypergen.api.videos import VideoServing
 from hypergen.clips import read_mp4
 from hypergen.config import Settings
@@ -24,20 +25,6 @@ from hypergen.config import Settings
 from .conftest import EngineClient, http, openai_client, run, start_engine, until_ready
 
 STEPS = 2
-
-
-@pytest.fixture(scope="session")
-def tiny_wan_dir(tmp_path_factory):
-    from hypergen.testing.videos import save_tiny_video_family
-
-    return save_tiny_video_family("wan", tmp_path_factory.mktemp("videos") / "tiny-wan", max_frames=17, max_side=64)
-
-
-@pytest.fixture(scope="session")
-def tiny_ltx_dir(tmp_path_factory):
-    from hypergen.testing.videos import save_tiny_video_family
-
-    return save_tiny_video_family("ltx", tmp_path_factory.mktemp("videos") / "tiny-ltx", max_frames=17, max_side=64)
 
 
 def video_engine(tiny_sd_dir, video_dir, home):
@@ -67,7 +54,13 @@ def video_app(tmp_path):
 
     def build(engine, home=None, **overrides):
         settings = Settings(
-            **{"home": home or tmp_path, "model": str(engine.settings.model), "video_model": engine.settings.video_model, "loras": "", **overrides}
+            **{
+                "home": home or tmp_path,
+                "model": str(engine.settings.model),
+                "video_model": engine.settings.video_model,
+                "loras": "",
+                **overrides,
+            }
         )
         app = create_app(10_000_000)
         app.state.auth = ApiKeyAuth(settings.api_key_list)
@@ -157,7 +150,10 @@ def test_delete_removes_the_record_and_files_and_list_pages(wan_engine, video_ap
     async def scenario():
         await started(app)
         client = openai_client(app)
-        made = [await client.videos.create_and_poll(prompt=f"shape {i}", extra_body={"num_inference_steps": 1}, poll_interval_ms=50) for i in range(3)]
+        made = [
+            await client.videos.create_and_poll(prompt=f"shape {i}", extra_body={"num_inference_steps": 1}, poll_interval_ms=50)
+            for i in range(3)
+        ]
         page = await client.videos.list(limit=2, order="asc")
         assert [v.id for v in page.data] == [made[0].id, made[1].id] and page.has_more
         after = await client.videos.list(limit=2, order="asc", after=made[1].id)
@@ -184,6 +180,9 @@ def test_a_restarted_server_lists_completed_videos_and_fails_interrupted_ones(wa
     store = first.state.videos.store
     interrupted = kept.model_copy(update={"id": "video_interrupted", "status": "in_progress", "progress": 40})
     store.add(interrupted, store.job(kept.id), owner="")
+    with pytest.raises(VideoDirectoryInUse):  # one server per video directory while it runs
+        VideoStore(tmp_path / "videos" / "videos.sqlite3", tmp_path / "videos")
+    store.close()  # the first server exits
     second = video_app(wan_engine, home=tmp_path)
 
     async def after_restart():
@@ -199,7 +198,7 @@ def test_a_restarted_server_lists_completed_videos_and_fails_interrupted_ones(wa
     run(after_restart())
 
 
-def test_image_to_video_uses_the_reference_and_models_without_it_say_so(ltx_engine, wan_engine, video_app):
+def test_image_to_video_uses_the_reference_and_models_without_it_say_so(ltx_engine, wan_engine, video_app, tmp_path):
     reference = io.BytesIO()
     Image.new("RGB", (50, 40), (220, 30, 30)).save(reference, format="PNG")
 
@@ -212,16 +211,22 @@ def test_image_to_video_uses_the_reference_and_models_without_it_say_so(ltx_engi
                 await client.videos.create(prompt="move", input_reference=upload)
             assert refused.value.body["param"] == "input_reference"
             return
-        video = await client.videos.create_and_poll(prompt="move", input_reference=upload, extra_body={"num_inference_steps": 1}, poll_interval_ms=50)
+        video = await client.videos.create_and_poll(
+            prompt="move", input_reference=upload, extra_body={"num_inference_steps": 1}, poll_interval_ms=50
+        )
         assert video.status == "completed" and video.size == "32x32"
         data_url = "data:image/png;base64," + base64.b64encode(reference.getvalue()).decode()
-        as_json = await http(app).post("/v1/videos", json={"prompt": "move", "input_reference": {"image_url": data_url}, "num_inference_steps": 1})
+        as_json = await http(app).post(
+            "/v1/videos", json={"prompt": "move", "input_reference": {"image_url": data_url}, "num_inference_steps": 1}
+        )
         assert as_json.status_code == 200, as_json.text
-        fetched = await http(app).post("/v1/videos", json={"prompt": "move", "input_reference": {"image_url": "http://169.254.169.254/x.png"}})
+        fetched = await http(app).post(
+            "/v1/videos", json={"prompt": "move", "input_reference": {"image_url": "http://169.254.169.254/x.png"}}
+        )
         assert fetched.status_code == 400 and "fetches no URLs" in fetched.json()["error"]["message"]
 
     run(scenario(video_app(ltx_engine), expect_ok=True))
-    run(scenario(video_app(wan_engine), expect_ok=False))
+    run(scenario(video_app(wan_engine, home=tmp_path / "wan"), expect_ok=False))
 
 
 def test_remix_reruns_the_job_with_the_new_prompt_and_the_same_seed(wan_engine, video_app):
@@ -230,7 +235,9 @@ def test_remix_reruns_the_job_with_the_new_prompt_and_the_same_seed(wan_engine, 
     async def scenario():
         await started(app)
         client = openai_client(app)
-        source = await client.videos.create_and_poll(prompt="a red circle", extra_body={"num_inference_steps": 1, "seed": 11}, poll_interval_ms=50)
+        source = await client.videos.create_and_poll(
+            prompt="a red circle", extra_body={"num_inference_steps": 1, "seed": 11}, poll_interval_ms=50
+        )
         remix = await client.videos.remix(source.id, prompt="a blue square")
         assert remix.remixed_from_video_id == source.id and remix.prompt == "a blue square"
         done = await client.videos.poll(remix.id, poll_interval_ms=50)
@@ -314,7 +321,7 @@ def test_an_image_request_during_a_long_video_waits_at_most_one_video_step(wan_e
         await client.delete(f"/v1/videos/{video_id}")
 
     run(scenario())
-    (before, after), = seen
+    ((before, after),) = seen
     assert before >= 2 and after - before <= 1, f"the video ran {after - before} steps during the image call"
 
 

@@ -148,7 +148,7 @@ async def list_videos(
     order: Literal["asc", "desc"] = "desc",
     after: str | None = Query(default=None, max_length=100),
 ) -> VideoList:
-    data, has_more = videos_of(request).store.page(owner, limit, order, after)
+    data, has_more = videos_of(request).page(owner, limit, order, after)
     return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=has_more)
 
 
