@@ -29,10 +29,12 @@ def model_reference(settings: Settings) -> Any:
 
 
 def extra_references(settings: Settings) -> list[Any]:
-    """BentoModel references for the other models and the start-up adapters given as BentoML tags."""
+    """BentoModel references for the other models, the video model and the start-up adapters
+    given as BentoML tags."""
     import bentoml
 
     sources = [source for _, source in settings.extra_models] + [spec.source for spec in settings.lora_specs]
+    sources += [settings.video_model_source] if settings.video_model_source else []
     return [bentoml.models.BentoModel(source) for source in sources if is_bentoml_tag(source)]
 
 

@@ -43,6 +43,7 @@ def _serve_env(args: argparse.Namespace) -> dict[str, str]:
         "HYPERGEN_LORA_DIRS": ",".join(args.lora_dir) if args.lora_dir else None,
         "HYPERGEN_WORKERS": args.workers,
         "HYPERGEN_MEMORY_BUDGET_MB": args.memory_budget_mb,
+        "HYPERGEN_VIDEO_MODEL": args.video_model,
     }
     env.update({key: str(value) for key, value in mapping.items() if value is not None})
     return env
@@ -73,7 +74,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     import yaml
 
     from .bento import default_model_name, import_lora, import_model, resolve_model_directory, without_stored_copies
-    from .config import embedded_lora_specs, load_settings, parse_lora_specs
+    from .config import DEFAULT_VIDEO_MODEL_NAME, EMBEDDED_VIDEO_DIR, NO_VIDEO_WORDS, embedded_lora_specs, load_settings, parse_lora_specs
 
     root = _project_root()
     settings = load_settings()
@@ -88,6 +89,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     if specs:
         arguments["loras"] = ",".join(f"{spec.name}={import_lora(spec)}:{spec.scale}" for spec in specs)
         carried += [Path(spec.source) for spec in specs]
+    video = args.video_model or (
+        str(EMBEDDED_VIDEO_DIR) if not args.model and (EMBEDDED_VIDEO_DIR / "model_index.json").is_file() else None
+    )
+    if video and video.strip().lower() not in NO_VIDEO_WORDS:
+        embedded = Path(video).resolve() == EMBEDDED_VIDEO_DIR.resolve()
+        arguments["video_model"] = import_model(video, DEFAULT_VIDEO_MODEL_NAME if embedded else default_model_name(video), settings)
+        carried += [Path(video)] if Path(video).is_dir() else []
     print(f"stored {', '.join(arguments.values())}; building the Bento")
     bentofile = yaml.safe_load((Path(args.bentofile) if args.bentofile else root / "bentofile.yaml").read_text())
     with tempfile.TemporaryDirectory() as scratch:
@@ -126,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lora-dir", action="append", help="directory lora_path may load from; repeatable")
     serve.add_argument("--workers", type=int, help="diffusion worker services, one per GPU (HYPERGEN_WORKERS, 1)")
     serve.add_argument("--memory-budget-mb", type=float, help="device memory for model weights (HYPERGEN_MEMORY_BUDGET_MB)")
+    serve.add_argument("--video-model", help="video pipeline directory, Hub id or tag, or 'none' (HYPERGEN_VIDEO_MODEL)")
     serve.set_defaults(handler=cmd_serve)
 
     for name, handler, summary in (
@@ -143,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                 help="NAME=PATH[:SCALE] carried in the Bento; repeatable (without MODEL: the demo model's outline adapter)",
             )
             command.add_argument("--bentofile", help="build with this bentofile instead of the project's (e.g. one adding wheels)")
+            command.add_argument(
+                "--video-model",
+                help="video pipeline directory or Hub id carried in the Bento (without MODEL: the demo video model; 'none': no video)",
+            )
     return parser
 
 

@@ -29,7 +29,9 @@ def test_videos_render_survive_a_restart_and_fail_when_their_worker_dies(start_s
     server.wait_until(video_ready)
     client = OpenAI(base_url=f"{server.base_url}/v1", api_key="anything", max_retries=0)
 
-    video = client.videos.create_and_poll(prompt="a red circle", size="64x32", extra_body={"num_frames": 13, "num_inference_steps": 2}, poll_interval_ms=100)
+    video = client.videos.create_and_poll(
+        prompt="a red circle", size="64x32", extra_body={"num_frames": 13, "num_inference_steps": 2}, poll_interval_ms=100
+    )
     assert video.status == "completed" and (video.size, video.seconds) == ("64x32", "0.812")
     info, _ = read_mp4(client.videos.download_content(video.id).content)
     assert (info.frames, info.width, info.height, info.fps) == (13, 64, 32, 16.0)
