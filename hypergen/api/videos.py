@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,7 @@ logger = logging.getLogger("hypergen.videos")
 
 INTERRUPTED = VideoJobError(code="interrupted", message="The server stopped while this video was rendering; create it again.")
 EXPIRY_SWEEP_S = 60.0
+VIDEO_ID = re.compile(r"video_[0-9a-f]{32}")
 
 
 def video_not_found(video_id: str) -> OpenAIError:
@@ -215,6 +217,8 @@ class VideoServing:
 
     def get(self, video_id: str, owner: str) -> VideoResource:
         self.require_store()
+        if not VIDEO_ID.fullmatch(video_id):  # only ids this server made are ever looked up
+            raise video_not_found(video_id[:100])
         resource = self.store.get(video_id, owner)
         if resource is None:
             raise video_not_found(video_id)

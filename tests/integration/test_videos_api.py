@@ -17,6 +17,7 @@ from PIL import Image
 
 from hypergen.api.pool import WorkerPool
 from hypergen.api.serving import ImageServing
+from hypergen.api.video_jobs import new_video_id
 from hypergen.api.video_store import VideoDirectoryInUse, VideoStore
 from hypergen.api.videos import VideoServing
 from hypergen.clips import read_mp4
@@ -134,8 +135,9 @@ def test_seconds_map_to_the_models_frame_rule_and_bad_values_name_their_field(wa
             response = await client.post("/v1/videos", json={"prompt": "a circle", **extra})
             error = response.json()["error"]
             assert response.status_code in (400, 404) and error["param"] == param and hint in error["message"], (extra, error)
-        missing = await client.get("/v1/videos/video_nope")
-        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        for unknown in ("video_nope", "video_" + "0" * 32, "..%2F..%2Fvideos.sqlite3"):
+            missing = await client.get(f"/v1/videos/{unknown}/content")
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found", unknown
 
     run(scenario())
 
@@ -178,7 +180,7 @@ def test_a_restarted_server_lists_completed_videos_and_fails_interrupted_ones(wa
 
     kept = run(make_one())
     store = first.state.videos.store
-    interrupted = kept.model_copy(update={"id": "video_interrupted", "status": "in_progress", "progress": 40})
+    interrupted = kept.model_copy(update={"id": new_video_id(), "status": "in_progress", "progress": 40})
     store.add(interrupted, store.job(kept.id), owner="")
     with pytest.raises(VideoDirectoryInUse):  # one server per video directory while it runs
         VideoStore(tmp_path / "videos" / "videos.sqlite3", tmp_path / "videos")
@@ -192,7 +194,7 @@ def test_a_restarted_server_lists_completed_videos_and_fails_interrupted_ones(wa
         assert kept.id in listed
         info, _ = clip_of((await client.videos.download_content(kept.id)).content)
         assert info.frames == 9
-        failed = await client.videos.retrieve("video_interrupted")
+        failed = await client.videos.retrieve(interrupted.id)
         assert failed.status == "failed" and failed.error.code == "interrupted"
 
     run(after_restart())

@@ -67,7 +67,10 @@ async def read_video_request(request: Request) -> tuple[VideoCreateRequest, byte
         fields, files = await read_multipart(request)
         upload = single_file(files, "input_reference", required=False)
         if isinstance(fields.get("input_reference"), str) and fields["input_reference"].strip().startswith("{"):
-            fields["input_reference"] = json.loads(fields["input_reference"])
+            try:  # the reference object as a JSON string, as multipart forms carry objects
+                fields["input_reference"] = json.loads(fields["input_reference"])
+            except ValueError:
+                raise invalid_value("input_reference", "input_reference is neither a file nor a JSON object.") from None
         body = parse_video_body(VideoCreateRequest, fields)
     else:
         try:
