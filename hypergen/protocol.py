@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator
 
-Mode = Literal["text-to-image", "image-to-image", "inpainting"]
+# "instruction-edit": an edit by a model made for it (FLUX.1 Kontext, Qwen-Image-Edit), the image as its reference.
+Mode = Literal["text-to-image", "image-to-image", "inpainting", "instruction-edit"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 Quality = Literal["low", "medium", "high"]
 # OpenAI's quality names, DALL-E 3's included, onto HyperGen's three step budgets.
@@ -206,7 +207,11 @@ class ImageEditRequest(PromptFields, ImageRequestOptions):
     """OpenAI's CreateImageEditRequest form fields (the files come separately) plus extras."""
 
     strength: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="How far the result may move from the image; omitted = 0.75, 1.0 with a mask."
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="How far the result may move from the image; omitted = 0.75, 1.0 with a mask. "
+        "An instruction-edit model's edit without a mask takes none.",
     )
     input_fidelity: Literal["high", "low"] | None = Field(default=None, description="OpenAI's field: accepted and ignored.")
 
@@ -267,7 +272,9 @@ class ModelCard(BaseModel):
     # HyperGen's additions, once the model is loaded (OpenAI's clients keep extra fields).
     native_size: str | None = Field(default=None, description="The size it was trained at ('auto').")
     max_size: str | None = Field(default=None, description="The largest size it makes.")
-    modes: list[str] | None = Field(default=None, description="text-to-image, image-to-image, inpainting")
+    modes: list[str] | None = Field(
+        default=None, description="What it does: text-to-image, image-to-image, inpainting, instruction-edit."
+    )
     schedulers: list[str] | None = Field(default=None, description="The names `scheduler` accepts for it.")
     fps: int | None = Field(default=None, description="A video model's frames per second.")
     max_frames: int | None = Field(default=None, description="The most frames a video model makes in one video.")

@@ -15,6 +15,7 @@ from .uploads import FittedUpload
 VARIATION_PROMPT = ""
 # OpenAI leaves the edit strength to the server: how far a result may move from the image.
 EDIT_STRENGTH, INPAINT_STRENGTH, VARIATION_STRENGTH = 0.75, 1.0, 0.6
+EDIT_STRENGTHS: dict[str, float] = {"image-to-image": EDIT_STRENGTH, "inpainting": INPAINT_STRENGTH}
 
 
 def resolve_model(requested: str | None, models: list[ModelLimits]) -> ModelLimits:
@@ -119,12 +120,39 @@ def build_job(
     )
 
 
-def with_upload(job: GenerationJob, mode: Mode, strength: float, upload: FittedUpload, limits: ModelLimits) -> GenerationJob:
-    """An edit or variation job: the fitted upload (and mask) as PNG, checked against the model."""
+def refuse_drawing_without_image(limits: ModelLimits) -> None:
+    """A 400 for a generation on a model that only edits (Qwen-Image-Edit needs a reference image)."""
+    if "text-to-image" not in limits.modes:
+        raise invalid_value(
+            "model",
+            f"Model '{limits.id}' edits images and cannot draw from a prompt alone (it supports: {', '.join(limits.modes)}); "
+            "send the image and the instruction to /v1/images/edits.",
+        )
+
+
+def edit_mode(limits: ModelLimits, masked: bool, strength: float | None) -> Mode:
+    """An edit's mode: inpainting with a mask; without one, the model's own instruction edit where
+    it is an instruction-edit model (FLUX.1 Kontext, Qwen-Image-Edit), else image-to-image."""
+    if masked:
+        return "inpainting"
+    if "instruction-edit" not in limits.modes:
+        return "image-to-image"
+    if strength is not None:
+        raise invalid_value(
+            "strength",
+            f"Model '{limits.id}' edits by instruction: the image is its reference, not a starting point to denoise from, "
+            "so 'strength' does not apply; omit it.",
+        )
+    return "instruction-edit"
+
+
+def with_upload(job: GenerationJob, mode: Mode, strength: float | None, upload: FittedUpload, limits: ModelLimits) -> GenerationJob:
+    """An edit or variation job: the fitted upload (and mask) as PNG, checked against the model.
+    `strength` is None for an instruction edit, which takes none."""
     if mode not in limits.modes:
         param = "mask" if mode == "inpainting" else "image"
         raise invalid_value(param, f"Model '{limits.id}' cannot do {mode}; it supports: {', '.join(limits.modes)}.")
-    if int(job.num_inference_steps * strength) < 1:
+    if strength is not None and int(job.num_inference_steps * strength) < 1:
         raise invalid_value(
             "strength",
             f"strength {strength} × num_inference_steps {job.num_inference_steps} leaves no denoising step; "

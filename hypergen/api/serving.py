@@ -24,7 +24,6 @@ from ..protocol import (
     ImageVariationRequest,
     LoraCommand,
     LoraReply,
-    Mode,
     ModelCard,
     ModelLimits,
     ModelList,
@@ -128,10 +127,11 @@ class ImageServing:
         return await self._serve(job, request, base_url, "image_generation")
 
     async def edit(self, request: ImageEditRequest, image: bytes, mask: bytes | None, request_id: str, base_url: str) -> Served:
-        """Image-to-image (no mask) or inpainting (mask: transparent = edit) of one uploaded image."""
-        mode: Mode = "inpainting" if mask is not None else "image-to-image"
-        strength = request.strength or (jobs.INPAINT_STRENGTH if mask is not None else jobs.EDIT_STRENGTH)
+        """Inpainting (mask: transparent = edit) of one uploaded image; without a mask, an
+        instruction-edit model's own edit (the image as its reference) or else image-to-image."""
         limits = jobs.resolve_model(request.model, await self.readiness.ready_models())
+        mode = jobs.edit_mode(limits, mask is not None, request.strength)
+        strength = request.strength or jobs.EDIT_STRENGTHS.get(mode)  # None: an instruction edit takes none
         upload = await self._prepare_upload(image, mask, request.size, limits)
         jobs.refuse_unaffordable_size(limits, upload.image.size, self.settings.request_timeout)
         job = jobs.build_job(request, limits, request_id, request.prompt, request.negative_prompt, upload.image.size)
@@ -150,6 +150,7 @@ class ImageServing:
 
     async def _generation_job(self, request: ImageGenerationRequest, request_id: str) -> GenerationJob:
         limits = jobs.resolve_model(request.model, await self.readiness.ready_models())
+        jobs.refuse_drawing_without_image(limits)
         size = jobs.resolve_size(limits, request.size)
         jobs.refuse_unaffordable_size(limits, size, self.settings.request_timeout)
         return jobs.build_job(request, limits, request_id, request.prompt, request.negative_prompt, size)

@@ -264,7 +264,7 @@ class BatchRunner:
 def call_arguments(jobs: list[GenerationJob], call: PipelineCall, pipe: Any) -> dict[str, Any]:
     """The arguments of `pipe` for one call: per-image prompts and generators, guidance and
     negative prompts as the pipeline takes them; the size for text-to-image, init images (and
-    masks, strength) for edits."""
+    masks, strength) for edits, reference images for instruction edits."""
     import torch
 
     first = jobs[call.images[0][0]]
@@ -278,16 +278,29 @@ def call_arguments(jobs: list[GenerationJob], call: PipelineCall, pipe: Any) -> 
         "output_type": "pil",
     }
     if first.mode == "text-to-image":
-        return {**arguments, "width": first.width, "height": first.height}
+        return {**arguments, **size_arguments(pipe, first.width, first.height)}
     decoded: dict[int, tuple[Any, Any]] = {}
     for job_index in call.job_indices:
         job = jobs[job_index]
         mask = decode_image_b64(job.mask_b64).convert("L") if job.mask_b64 else None
         decoded[job_index] = (decode_image_b64(job.image_b64 or "").convert("RGB"), mask)
     arguments["image"] = [decoded[job][0] for job, _ in call.images]
-    arguments["strength"] = first.strength
+    if first.mode != "instruction-edit":  # an instruction edit's image is its reference: no strength
+        arguments["strength"] = first.strength
     if first.mode == "inpainting":
         arguments["mask_image"] = [decoded[job][1] for job, _ in call.images]
-    if "width" in call_parameters(type(pipe)):  # else the pipeline draws at the image's size (SD's image-to-image)
-        arguments["width"], arguments["height"] = first.width, first.height
+    return {**arguments, **size_arguments(pipe, first.width, first.height)}
+
+
+def size_arguments(pipe: Any, width: int, height: int) -> dict[str, Any]:
+    """`width` and `height` where the pipeline takes them (SD's image-to-image draws at the
+    image's size instead). FLUX.1 Kontext would resize its output to `max_area` (1024² by default)
+    and its reference to the nearest of its preferred ~1 MP resolutions: the size asked for, and
+    the upload fitted to it, are kept."""
+    parameters = call_parameters(type(pipe))
+    arguments: dict[str, Any] = {"width": width, "height": height} if "width" in parameters else {}
+    if "max_area" in parameters:
+        arguments["max_area"] = width * height
+    if "_auto_resize" in parameters:
+        arguments["_auto_resize"] = False
     return arguments

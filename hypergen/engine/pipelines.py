@@ -50,7 +50,8 @@ class LoadedPipeline:
     max_side: int  # the largest side it is asked to draw (larger steps cost minutes or hours)
     random_weights: bool
     load_seconds: float
-    # "text-to-image" → pipe; "image-to-image" / "inpainting" → pipelines sharing its weights.
+    # mode → the pipeline that runs it, all sharing `pipe`'s weights: "text-to-image" (pipe, where it
+    # draws from a prompt alone), "image-to-image", "inpainting", "instruction-edit" (`edit_modes`).
     modes: dict[str, Any] = field(default_factory=dict)
     # The speed levers applied at load; every call of these pipelines runs in `call_context(levers)`.
     levers: PipelineLevers = field(default_factory=PipelineLevers)
@@ -102,7 +103,7 @@ def load_text_to_image(name: str, source: str, device: str | None = None, levers
     apply_levers(pipe, levers)
     width, height = native_size(pipe)
     defaults = read_model_defaults(source)
-    modes = derive_mode_pipelines(pipe)
+    modes = edit_modes(pipe)
     return LoadedPipeline(
         name=name,
         pipe=pipe,
@@ -242,21 +243,60 @@ def _fuse_qkv(pipe: Any, denoiser: Any) -> list[str]:
     return ["fuse_qkv"]
 
 
+# Pipelines made to edit an image as a prompt instructs ("make the sky purple"): called with the
+# uploaded image as their reference (`image=`), no strength. Those that cannot draw without one,
+# and the masked variant of those that AutoPipelineForInpainting does not know.
+INSTRUCTION_EDIT_PIPELINES = frozenset({"FluxKontextPipeline", "QwenImageEditPipeline"})
+NEEDS_REFERENCE_IMAGE = frozenset({"QwenImageEditPipeline"})
+INSTRUCTION_INPAINT_PIPELINES = {"FluxKontextPipeline": "FluxKontextInpaintPipeline"}
+
+
+def edit_modes(pipe: Any) -> dict[str, Any]:
+    """The modes of a loaded pipeline, each a pipeline sharing its weights.
+
+    Most models draw from a prompt and derive image-to-image and inpainting pipelines with
+    `AutoPipelineFor*.from_pipe`. An instruction-edit model (`INSTRUCTION_EDIT_PIPELINES`) runs
+    its edits itself, with the image as its reference ("instruction-edit"), draws from a prompt
+    alone unless it needs a reference (Qwen-Image-Edit), and has no strength-based image-to-image
+    (AutoPipelineForImage2Image maps it to itself); its masked variant, where diffusers has one,
+    is its inpainting (FLUX.1 Kontext: `FluxKontextInpaintPipeline`, Qwen-Image-Edit:
+    `QwenImageEditInpaintPipeline`)."""
+    name = type(pipe).__name__
+    if name not in INSTRUCTION_EDIT_PIPELINES:
+        return derive_mode_pipelines(pipe)
+    modes: dict[str, Any] = {} if name in NEEDS_REFERENCE_IMAGE else {"text-to-image": pipe}
+    modes["instruction-edit"] = pipe
+    inpainting = _derive(pipe, "inpainting", INSTRUCTION_INPAINT_PIPELINES.get(name))
+    if inpainting is not None:
+        modes["inpainting"] = inpainting
+    return modes
+
+
 def derive_mode_pipelines(pipe: Any) -> dict[str, Any]:
     """Image-to-image and inpainting pipelines built with `from_pipe`: they reuse the loaded
     components (same tensors), so edits cost no second copy of the weights."""
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
-
     modes: dict[str, Any] = {"text-to-image": pipe}
-    for mode, auto_class in (("image-to-image", AutoPipelineForImage2Image), ("inpainting", AutoPipelineForInpainting)):
-        try:
-            derived = auto_class.from_pipe(pipe)
-        except Exception as error:  # not every architecture has these pipelines
-            logger.info("this model has no %s pipeline (%s: %s)", mode, type(error).__name__, error)
-            continue
-        derived.set_progress_bar_config(disable=True)
-        modes[mode] = derived
+    for mode in ("image-to-image", "inpainting"):
+        derived = _derive(pipe, mode)
+        if derived is not None:
+            modes[mode] = derived
     return modes
+
+
+def _derive(pipe: Any, mode: str, class_name: str | None = None) -> Any | None:
+    """`class_name.from_pipe(pipe)` (default: the AutoPipeline of `mode`), or None where the
+    model has no such pipeline."""
+    import diffusers
+
+    if class_name is None:
+        class_name = {"image-to-image": "AutoPipelineForImage2Image", "inpainting": "AutoPipelineForInpainting"}[mode]
+    try:
+        derived = getattr(diffusers, class_name).from_pipe(pipe)
+    except Exception as error:  # not every architecture has these pipelines
+        logger.info("this model has no %s pipeline (%s: %s)", mode, type(error).__name__, error)
+        return None
+    derived.set_progress_bar_config(disable=True)
+    return derived
 
 
 class UnservableModel(ValueError):

@@ -72,7 +72,14 @@ class VideoRenderer:
         """Progress events, then the files (or the error). Leaving early cancels the job."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[VideoEvent] = asyncio.Queue()
-        loop.run_in_executor(self._executor, self._run, job, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+
+        def emit(event: VideoEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the listener's event loop is gone: nobody will receive this video
+                self.cancel(job.job_id)
+
+        loop.run_in_executor(self._executor, self._run, job, emit)
         finished = False
         try:
             while True:
