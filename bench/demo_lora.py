@@ -15,12 +15,11 @@ Writes bench/results/<name>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
 
-from bench.run import RESULTS_DIR
+from bench.run import RESULTS_DIR, write_results
 
 
 def judge_check(count: int) -> dict[str, float]:
@@ -85,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         "judge_on_drawn_pictures": drawn,
         "rows": rows,
     }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Demo LoRA `{EMBEDDED_LORA_NAME}` ({args.pairs} held-out prompt/seed pairs, {steps} steps, guidance {guidance})",
         "",
@@ -115,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *([result["training"], ""] if result["training"] else []),
     ]
-    (args.results_dir / f"{args.name}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.results_dir, args.name, result, lines)
     return 0
 
 

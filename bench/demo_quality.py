@@ -13,12 +13,11 @@ Writes bench/results/<name>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
-from bench.run import RESULTS_DIR
+from bench.run import RESULTS_DIR, write_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         "one_image_s": {"median": round(statistics.median(latencies), 3), "max": round(max(latencies), 3)},
         "rows": rows,
     }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Demo model quality ({args.pairs} held-out prompt/seed pairs, judged by `training.shapes.judge`)",
         "",
@@ -85,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "",
     ]
-    (args.results_dir / f"{args.name}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.results_dir, args.name, result, lines)
     return 0
 
 

@@ -13,12 +13,11 @@ strip of frames of one clip per direction for the README. Writes bench/results/<
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
-from bench.run import RESULTS_DIR
+from bench.run import RESULTS_DIR, write_results
 
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
 
@@ -106,13 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_frame": round(statistics.median(latencies) / frames, 4),
         "judging_s": round(judged_s, 1),
     }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Demo video model ({len(pairs)} held-out prompt/seed clips, judged by `training.motion.judge_clip`)",
         "",
-        f"{frames} frames of {result['size']} at {limits.fps} fps, {steps} steps, guidance {guidance}, "
-        f"{result['threads']} CPU threads.",
+        f"{frames} frames of {result['size']} at {limits.fps} fps, {steps} steps, guidance {guidance}, {result['threads']} CPU threads.",
         "",
         "| shape colour | background | direction (chance 25 %) | one clip (median of 5) | seconds per frame |",
         "|---|---|---|---|---|",
@@ -120,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {result['seconds_per_frame']:.3f} s |",
         "",
     ]
-    (args.results_dir / f"{args.name}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.results_dir, args.name, result, lines)
     return 0
 
 

@@ -30,6 +30,14 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def write_results(results_dir: Path, name: str, result: dict[str, Any], lines: list[str]) -> None:
+    """bench/results/<name>.json (the numbers) and <name>.md (the table), and the table on stdout."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results_dir / f"{name}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:

@@ -272,9 +272,7 @@ class ModelCard(BaseModel):
     # HyperGen's additions, once the model is loaded (OpenAI's clients keep extra fields).
     native_size: str | None = Field(default=None, description="The size it was trained at ('auto').")
     max_size: str | None = Field(default=None, description="The largest size it makes.")
-    modes: list[str] | None = Field(
-        default=None, description="What it does: text-to-image, image-to-image, inpainting, instruction-edit."
-    )
+    modes: list[str] | None = Field(default=None, description="What it does: text-to-image, image-to-image, inpainting, instruction-edit.")
     schedulers: list[str] | None = Field(default=None, description="The names `scheduler` accepts for it.")
     fps: int | None = Field(default=None, description="A video model's frames per second.")
     max_frames: int | None = Field(default=None, description="The most frames a video model makes in one video.")

@@ -213,9 +213,11 @@ class WorkerPool:
                 reply = await worker.manage_loras(command)
                 if reply.error is not None and reply.error.status != 409:  # 409: it is already there
                     logger.error("worker %s could not load adapter '%s' again: %s", load.name, name, reply.error.message)
-            if status.models:
+            # Warm-up calls draw from a prompt: an edit-only model (Qwen-Image-Edit) has none to make.
+            drawing = [limits for limits in status.models if "text-to-image" in limits.modes]
+            if drawing:
                 for call in range(self.warm_up_calls):
-                    await worker.generate([GenerationJob.warm_up(status.models[0], call)])
+                    await worker.generate([GenerationJob.warm_up(drawing[0], call)])
             load.ready, load.detail = True, ""
             logger.info("worker %s is ready: batcher warmed, %d run-time adapters replayed", load.name, len(self._adapters))
         except Exception as error:  # still not well: the next status check tries again

@@ -184,7 +184,7 @@ class ServedModels:
 
     def _adapters_of(self, loaded: Any) -> LoraManager:
         refused = "HYPERGEN_FUSE_QKV is on: fused projections would skip the adapters' q/k/v weights" if self.settings.fuse_qkv else None
-        return LoraManager(loaded.modes["text-to-image"], self.settings.lora_dir_list, self.settings.max_loras, refused)
+        return LoraManager(loaded.pipe, self.settings.lora_dir_list, self.settings.max_loras, refused)
 
     def _move(self, name: str, to_device: bool) -> None:
         """Move a model's weights (all its mode pipelines share them) to its device or to host

@@ -24,6 +24,8 @@ import torch
 from .pipelines import char_clip_tokenizer, char_t5_tokenizer, pixel_vae, save_atomically, save_tiny_pipeline
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux", "qwen-image", "z-image", "sana", "pixart-sigma")
+# Models made to edit by instruction, served on /v1/images/edits with the upload as their reference.
+INSTRUCTION_EDIT_FAMILIES = ("flux-kontext",)
 
 # The token that a chat template, Qwen's prompt template and Qwen2's tokenizer expect.
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
@@ -193,6 +195,15 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> Any:
     )
 
 
+def build_tiny_flux_kontext(seed: int = 0) -> Any:
+    """FLUX.1 Kontext: the tiny FLUX.1-dev's components (the same weights for the same seed) in
+    `FluxKontextPipeline`, which edits by instruction: the reference image's latents join the
+    transformer's sequence, beside the latents it denoises."""
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline(**build_tiny_flux(seed).components)
+
+
 def build_tiny_qwen_image(seed: int = 0) -> Any:
     """Qwen-Image layout: a dual-stream MMDiT, Qwen2.5-VL as text encoder, a video autoencoder
     (5-D latents, per-channel `latents_mean`/`latents_std`), latents packed 2×2."""
@@ -341,6 +352,7 @@ FAMILY_BUILDERS: dict[str, Callable[[int], Any]] = {
     "sd3": build_tiny_sd3,
     "flux": build_tiny_flux,
     "flux-schnell": lambda seed: build_tiny_flux(seed, guidance_embeds=False),
+    "flux-kontext": build_tiny_flux_kontext,
     "qwen-image": build_tiny_qwen_image,
     "z-image": build_tiny_z_image,
     "sana": build_tiny_sana,
@@ -355,6 +367,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "sd3": {"guidance_scale": 7.0},
     "flux": {"guidance_scale": 3.5, "width": 64, "height": 64},
     "flux-schnell": {"guidance_scale": 1.0, "width": 64, "height": 64},
+    "flux-kontext": {"guidance_scale": 2.5, "width": 64, "height": 64},
     "qwen-image": {"guidance_scale": 4.0, "width": 64, "height": 64},
     "z-image": {"guidance_scale": 4.0, "width": 64, "height": 64},
     "sana": {"guidance_scale": 4.5},
@@ -363,9 +376,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def save_tiny_family(kind: str, out_dir: str | os.PathLike[str], seed: int = 0, **defaults: Any) -> Path:
-    """Build the tiny pipeline of family `kind` (one of `FAMILIES`, or "flux-schnell") and save it to `out_dir` with
-    a `hypergen.json` of small defaults (4 steps; `defaults` override them). Written to a sibling
-    and renamed into place, so a concurrent reader never sees half a model."""
+    """Build the tiny pipeline of family `kind` (one of `FAMILIES`, "flux-schnell" or one of
+    `INSTRUCTION_EDIT_FAMILIES`) and save it to `out_dir` with a `hypergen.json` of small defaults
+    (4 steps; `defaults` override them). Written to a sibling and renamed into place, so a
+    concurrent reader never sees half a model."""
     if kind not in FAMILY_DEFAULTS:
         raise ValueError(f"unknown model family '{kind}'; choose one of {', '.join(FAMILY_DEFAULTS)}")
     settings = {"num_inference_steps": 4, **FAMILY_DEFAULTS[kind], **defaults}

@@ -61,6 +61,17 @@ def reference_from_url(image_url: str | None, file_id: str | None) -> bytes | No
         raise invalid_value("input_reference", "input_reference.image_url is not valid base64.") from None
 
 
+async def json_object(request: Request) -> dict[str, Any]:
+    """The body as one JSON object (a 400 otherwise)."""
+    try:
+        payload = json.loads(await request.body() or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise OpenAIError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+    return payload
+
+
 async def read_video_request(request: Request) -> tuple[VideoCreateRequest, bytes | None]:
     """A create request as JSON or multipart (what the official client sends), and its reference image."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -73,13 +84,7 @@ async def read_video_request(request: Request) -> tuple[VideoCreateRequest, byte
                 raise invalid_value("input_reference", "input_reference is neither a file nor a JSON object.") from None
         body = parse_video_body(VideoCreateRequest, fields)
     else:
-        try:
-            payload = json.loads(await request.body() or b"null")
-        except (ValueError, UnicodeDecodeError):
-            raise OpenAIError(400, "The request body is not valid JSON.", code="invalid_json") from None
-        if not isinstance(payload, dict):
-            raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
-        body, upload = parse_video_body(VideoCreateRequest, payload), None
+        body, upload = parse_video_body(VideoCreateRequest, await json_object(request)), None
     if upload is None and body.input_reference is not None:
         upload = reference_from_url(body.input_reference.image_url, body.input_reference.file_id)
     return body, upload
@@ -181,12 +186,7 @@ async def remix_video(
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         fields, _ = await read_multipart(request)
     else:
-        try:
-            fields = json.loads(await request.body() or b"null")
-        except (ValueError, UnicodeDecodeError):
-            raise OpenAIError(400, "The request body is not valid JSON.", code="invalid_json") from None
-        if not isinstance(fields, dict):
-            raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+        fields = await json_object(request)
     body = parse_video_body(VideoRemixRequest, fields)
     videos = videos_of(request)
 
