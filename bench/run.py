@@ -156,6 +156,8 @@ def run_load(base_url: str, concurrency: int, requests: int, body: dict[str, Any
         "encode_mean_ms": statistics.mean(sample.get("encode", 0) for sample in samples) * 1000,
         "mean_images_per_call": statistics.mean(sample.get("batch", 1) for sample in samples),
         "latency_mean_ms": statistics.mean(latencies) * 1000,
+        # The pipeline call each request rode in, as the worker timed it (compared with bare calls).
+        "generation_mean_s": statistics.mean(sample.get("generation", 0) for sample in samples),
     }
 
 
@@ -220,7 +222,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{level.get('formed_batch', '?')}: {level.get('server_over_bare_formed', float('nan')):.2f}; ÷ best bare: "
                 f"{level.get('server_over_bare_best', float('nan')):.2f}) · p50 {level['latency_p50_ms']:.0f} ms · "
                 f"p95 {level['latency_p95_ms']:.0f} ms · {level['mean_images_per_call']:.1f} images per pipeline call · "
-                f"overhead p50 {level['overhead_p50_ms']:.1f} ms p99 {level['overhead_p99_ms']:.1f} ms |"
+                f"overhead p50 {level['overhead_p50_ms']:.1f} ms p99 {level['overhead_p99_ms']:.1f} ms · pipeline call "
+                f"{level.get('call_slowdown_formed', float('nan')):.2f}× the bare call at that batch |"
             )
     gain = result["batching_gain"]
     lines += [
@@ -284,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         level["formed_batch"] = formed
         level["server_over_bare_formed"] = level["images_per_s"] / bare[f"batch_{formed}"]["images_per_s"]
         level["server_over_bare_best"] = level["images_per_s"] / best
+        # >1: the same pipeline call is slower inside the server than bare (cores shared with the
+        # API process, the client and the worker's own threads).
+        level["call_slowdown_formed"] = level["generation_mean_s"] / bare[f"batch_{formed}"]["seconds_per_call"]
     top, single = batched[-1], batched[0]
     result = {
         "name": args.name,

@@ -24,7 +24,9 @@ def start_server(tmp_path_factory, hypergen_home, bentoml_home):
 
     def start(env: dict[str, str] | None = None, **kwargs) -> BentoServer:
         log_path = tmp_path_factory.mktemp("server") / "serve.log"
-        base = {"HYPERGEN_HOME": str(hypergen_home), "BENTOML_HOME": str(bentoml_home)}
+        # Each server its own video directory: one server owns a directory at a time.
+        videos = tmp_path_factory.mktemp("videos")
+        base = {"HYPERGEN_HOME": str(hypergen_home), "BENTOML_HOME": str(bentoml_home), "HYPERGEN_VIDEO_DIR": str(videos)}
         server = BentoServer(log_path, {**base, **(env or {})}, **kwargs)
         servers.append(server)
         return server
