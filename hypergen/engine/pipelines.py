@@ -244,10 +244,11 @@ def _fuse_qkv(pipe: Any, denoiser: Any) -> list[str]:
 
 
 # Pipelines made to edit an image as a prompt instructs ("make the sky purple"): called with the
-# uploaded image as their reference (`image=`), no strength. Those that cannot draw without one,
-# and the masked variant of those that AutoPipelineForInpainting does not know.
+# uploaded image as their reference (`image=`), no strength. Those that cannot draw without one.
 INSTRUCTION_EDIT_PIPELINES = frozenset({"FluxKontextPipeline", "QwenImageEditPipeline"})
 NEEDS_REFERENCE_IMAGE = frozenset({"QwenImageEditPipeline"})
+# Their masked variants, used for inpainting. Qwen-Image-Edit's (QwenImageEditInpaintPipeline) is
+# left out: it draws at about 1 MP whatever width and height it is given.
 INSTRUCTION_INPAINT_PIPELINES = {"FluxKontextPipeline": "FluxKontextInpaintPipeline"}
 
 
@@ -258,15 +259,14 @@ def edit_modes(pipe: Any) -> dict[str, Any]:
     `AutoPipelineFor*.from_pipe`. An instruction-edit model (`INSTRUCTION_EDIT_PIPELINES`) runs
     its edits itself, with the image as its reference ("instruction-edit"), draws from a prompt
     alone unless it needs a reference (Qwen-Image-Edit), and has no strength-based image-to-image
-    (AutoPipelineForImage2Image maps it to itself); its masked variant, where diffusers has one,
-    is its inpainting (FLUX.1 Kontext: `FluxKontextInpaintPipeline`, Qwen-Image-Edit:
-    `QwenImageEditInpaintPipeline`)."""
+    (AutoPipelineForImage2Image maps it to itself); its masked variant in
+    `INSTRUCTION_INPAINT_PIPELINES` is its inpainting (FLUX.1 Kontext: `FluxKontextInpaintPipeline`)."""
     name = type(pipe).__name__
     if name not in INSTRUCTION_EDIT_PIPELINES:
         return derive_mode_pipelines(pipe)
     modes: dict[str, Any] = {} if name in NEEDS_REFERENCE_IMAGE else {"text-to-image": pipe}
     modes["instruction-edit"] = pipe
-    inpainting = _derive(pipe, "inpainting", INSTRUCTION_INPAINT_PIPELINES.get(name))
+    inpainting = _derive(pipe, "inpainting", INSTRUCTION_INPAINT_PIPELINES[name]) if name in INSTRUCTION_INPAINT_PIPELINES else None
     if inpainting is not None:
         modes["inpainting"] = inpainting
     return modes

@@ -9,6 +9,7 @@ import signal
 import time
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 
@@ -35,6 +36,14 @@ def test_videos_render_survive_a_restart_and_fail_when_their_worker_dies(start_s
     assert video.status == "completed" and (video.size, video.seconds) == ("64x32", "0.812")
     info, _ = read_mp4(client.videos.download_content(video.id).content)
     assert (info.frames, info.width, info.height, info.fps) == (13, 64, 32, 16.0)
+    for bad, param in (({"seconds": "12"}, "seconds"), ({"size": "1280x720"}, "size")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.videos.create(prompt="too much", **bad)
+        assert refused.value.body["param"] == param
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve("video_" + "f" * 32)
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    assert 'hypergen_video_jobs_total{status="completed"} 1.0' in metrics and "hypergen_video_frames_total 13.0" in metrics
 
     # A job in progress when its worker is killed ends failed; the worker comes back.
     long = client.videos.create(prompt="long", size="64x64", extra_body={"num_frames": 17, "num_inference_steps": 150})

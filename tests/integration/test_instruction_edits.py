@@ -179,7 +179,7 @@ def test_variations_are_refused_on_an_instruction_edit_model(client):
 # --- a model that only edits (Qwen-Image-Edit's modes) -------------------------------------------
 
 
-EDIT_ONLY = ModelLimits(id="edit-only", native_width=64, native_height=64, default_steps=4, modes=["instruction-edit", "inpainting"])
+EDIT_ONLY = ModelLimits(id="edit-only", native_width=64, native_height=64, default_steps=4, modes=["instruction-edit"])
 
 
 class EditOnlyWorker:
@@ -201,9 +201,9 @@ class EditOnlyWorker:
 
 
 def test_a_model_that_only_edits_refuses_generations_and_edits_by_instruction(make_app):
-    """Qwen-Image-Edit's modes: a generation is a 400 naming `model`; an edit is its instruction
-    edit (no strength), a masked edit its inpainting; the pool's warm-up, which draws from a
-    prompt, makes no call to it."""
+    """Qwen-Image-Edit's modes: a generation is a 400 naming `model`, a masked edit one naming
+    `mask` (its inpaint pipeline ignores the size asked); an edit is its instruction edit, with no
+    strength; the pool's warm-up, which draws from a prompt, makes no call to it."""
     worker = EditOnlyWorker()
     app = make_app(worker, warmed_up=False)
     client = openai_client(app)
@@ -216,15 +216,17 @@ def test_a_model_that_only_edits_refuses_generations_and_edits_by_instruction(ma
             if app.state.serving.worker.loads[0].ready:
                 break
             await asyncio.sleep(0.02)
-        with pytest.raises(openai.BadRequestError) as refused:
+        with pytest.raises(openai.BadRequestError) as generation:
             await client.images.generate(prompt="a red circle", size="64x64")
+        with pytest.raises(openai.BadRequestError) as masked:
+            await client.images.edit(image=image, mask=mask, prompt="a green circle")
         await client.images.edit(image=image, prompt="make the square green", response_format="b64_json")
-        await client.images.edit(image=image, mask=mask, prompt="a green circle", response_format="b64_json")
-        return refused.value.body
+        return generation.value.body, masked.value.body
 
-    refused = run(scenario())
-    assert refused["param"] == "model" and "/v1/images/edits" in refused["message"]
-    assert [(job.mode, job.strength, job.is_warm_up) for job in worker.jobs] == [("instruction-edit", None, False), ("inpainting", 1.0, False)]
+    generation, masked = run(scenario())
+    assert generation["param"] == "model" and "/v1/images/edits" in generation["message"]
+    assert masked["param"] == "mask" and "cannot do inpainting" in masked["message"]
+    assert [(job.mode, job.strength, job.is_warm_up) for job in worker.jobs] == [("instruction-edit", None, False)]
 
 
 def test_a_streamed_generation_on_a_model_that_only_edits_is_refused(make_app):
