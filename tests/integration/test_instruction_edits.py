@@ -145,6 +145,24 @@ def test_batched_instruction_edits_equal_each_edit_alone(engine):
     assert differ(together[0][0], together[1][0]) > 0.5  # seed 3 on each upload
 
 
+def test_a_streamed_instruction_edit_sends_partials_then_the_plain_edits_image(client):
+    """Previews decode only the latents being denoised (the reference's are not among them)."""
+    extra = {"num_inference_steps": STEPS, "seed": 3}
+    image = ("scene.png", png(scene()), "image/png")
+
+    async def scenario():
+        stream = await client.images.edit(
+            model=KONTEXT, image=image, prompt="make the square green", stream=True, partial_images=2, extra_body=extra
+        )
+        return [event async for event in stream]
+
+    events = run(scenario())
+    assert [event.type for event in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
+    for event in events[:2]:
+        assert Image.open(io.BytesIO(base64.b64decode(event.b64_json))).size == (96, 64)
+    assert differ(pixels(events[-1].b64_json), edit(client, scene())[0]) == 0
+
+
 def test_strength_does_not_apply_to_an_instruction_edit(client):
     with pytest.raises(openai.BadRequestError) as refused:
         edit(client, scene(), strength=0.5)
