@@ -97,7 +97,7 @@ def test_create_and_poll_then_download_an_mp4_of_the_asked_frames_and_size(famil
         assert video.status == "completed", video.error
         assert (video.size, video.progress, video.model) == ("64x32", 100, engine.settings.served_video_model_name)
         raw = (await http(app).get(f"/v1/videos/{video.id}")).json()
-        validate_openai("VideoResource", {**raw, "size": "720x1280", "seconds": "4"})  # Sora's enums: the one documented exception
+        validate_openai("VideoResource", as_sora(raw))
         content = await client.videos.download_content(video.id)
         info, _ = clip_of(content.content)
         assert (info.frames, info.width, info.height) == (9, 64, 32)
@@ -146,7 +146,12 @@ def engine_name(engine) -> str:
     return engine.settings.served_video_model_name
 
 
-def test_delete_removes_the_record_and_files_and_list_pages(wan_engine, video_app):
+def as_sora(video: dict) -> dict:
+    """OpenAI's schema lists only Sora's sizes and lengths: the one documented exception."""
+    return {**video, "size": "720x1280", "seconds": "4"}
+
+
+def test_delete_removes_the_record_and_files_and_list_pages(wan_engine, video_app, validate_openai):
     app = video_app(wan_engine)
 
     async def scenario():
@@ -160,8 +165,11 @@ def test_delete_removes_the_record_and_files_and_list_pages(wan_engine, video_ap
         assert [v.id for v in page.data] == [made[0].id, made[1].id] and page.has_more
         after = await client.videos.list(limit=2, order="asc", after=made[1].id)
         assert [v.id for v in after.data] == [made[2].id] and not after.has_more
-        deleted = await client.videos.delete(made[0].id)
-        assert deleted.deleted and deleted.id == made[0].id
+        listed = (await http(app).get("/v1/videos", params={"limit": 2})).json()
+        validate_openai("VideoListResource", {**listed, "data": [as_sora(video) for video in listed["data"]]})
+        raw_delete = await http(app).delete(f"/v1/videos/{made[0].id}")
+        validate_openai("DeletedVideoResource", raw_delete.json())
+        assert raw_delete.json() == {"id": made[0].id, "object": "video.deleted", "deleted": True}
         with pytest.raises(openai.NotFoundError):
             await client.videos.retrieve(made[0].id)
         with pytest.raises(openai.NotFoundError):
