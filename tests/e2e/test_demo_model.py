@@ -17,6 +17,9 @@ from training.shapes import PALETTE, Scene, draw, judge, judge_fill
 
 pytestmark = pytest.mark.e2e
 
+# The seed of the demo video test's four clips (one per direction).
+DEMO_VIDEO_SEED = 7
+
 
 def picture(client, prompt: str, seed: int, **extra) -> Image.Image:
     response = client.images.generate(prompt=prompt, size="64x64", response_format="b64_json", extra_body={"seed": seed, **extra})
