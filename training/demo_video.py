@@ -44,6 +44,9 @@ NEW_WORDS = ("moving", *DIRECTIONS)
 FPS = 8
 # 1e-3 (the image model's rate) made the loss climb from the first hundred updates.
 LEARNING_RATE = 4e-4
+# The new words learn as textual inversion does: at 4e-4 (and clipped with the motion layers)
+# they hardly moved, and the first model read the direction right in 30 % of clips (chance 25 %).
+WORD_LEARNING_RATE = 1e-2
 
 
 def clip_batch(rng: random.Random, clips: int, frames: int) -> tuple[torch.Tensor, list[str]]:
@@ -111,7 +114,9 @@ def train_motion(motion_unet, text_encoder, tokenizer, trainable_rows, scale, st
     optimizer = torch.optim.AdamW(
         [{"params": motion_parameters, "weight_decay": 1e-2}, {"params": [embeddings], "weight_decay": 0.0}], lr=LEARNING_RATE
     )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LEARNING_RATE, total_steps=steps, pct_start=0.05, final_div_factor=20)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[LEARNING_RATE, WORD_LEARNING_RATE], total_steps=steps, pct_start=0.05, final_div_factor=20
+    )
     generator = torch.Generator().manual_seed(3)
     started = time.perf_counter()
     running = 0.0
@@ -129,7 +134,7 @@ def train_motion(motion_unet, text_encoder, tokenizer, trainable_rows, scale, st
         loss = F.mse_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([*motion_parameters, embeddings], 1.0)
+        torch.nn.utils.clip_grad_norm_(motion_parameters, 1.0)  # the words' tiny gradients are not scaled down with them
         optimizer.step()
         schedule.step()
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
@@ -236,13 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         f"in {elapsed / 60:.1f} minutes on {torch.get_num_threads()} CPU threads.\n"
         f"Held-out judge ({len(pairs)} clips, {args.sample_steps} steps, guidance {args.guidance}): {scores}.\n"
     )
-    if scores["direction"] < args.min_direction:
-        log(f"direction {scores['direction']:.0%} < {args.min_direction:.0%}: nothing shipped")
-        print(report)
-        return 1
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    pipe.to(torch.float16).save_pretrained(args.out, safe_serialization=True)
+    shipped = scores["direction"] >= args.min_direction
+    target = args.out if shipped else args.out.with_name(args.out.name + "-rejected")
+    if target.exists():
+        shutil.rmtree(target)
+    pipe.to(torch.float16).save_pretrained(target, safe_serialization=True)
     defaults = {
         "num_inference_steps": args.sample_steps,
         "guidance_scale": args.guidance,
@@ -250,12 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         "height": SIZE,
         "fps": FPS,
         "num_frames": args.frames,
-        "max_frames": 16,
+        "max_frames": 32,
     }
-    (args.out / "hypergen.json").write_text(json.dumps(defaults, indent=2) + "\n")
-    (args.out / "TRAINING.md").write_text(report)
-    log(f"saved {args.out} ({sum(f.stat().st_size for f in args.out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
-    return 0
+    (target / "hypergen.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    (target / "TRAINING.md").write_text(report)
+    log(f"saved {target} ({sum(f.stat().st_size for f in target.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+    if not shipped:
+        log(f"direction {scores['direction']:.0%} < {args.min_direction:.0%}: not shipped (kept in {target} to look at)")
+    return 0 if shipped else 1
 
 
 if __name__ == "__main__":

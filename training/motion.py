@@ -19,8 +19,8 @@ from training.shapes import COLOURS, PALETTE, SIZE, Scene, _shape_mask, judge, n
 
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 FRAMES = 8
-# How far the centre travels over a clip, as a fraction of the side (22 pixels at 64×64).
-TRAVEL = 0.35
+# How far the centre travels over a clip, as a fraction of the side (26 pixels at 64×64).
+TRAVEL = 0.40
 # The judge calls a direction only when the centre moved at least this many pixels.
 MIN_DISPLACEMENT = 4.0
 
