@@ -109,6 +109,12 @@ class VideoServing:
             )
         job = self.require_store().job(video_id)
         assert job is not None
+        served = (await self.limits()).id
+        if job.model != served:
+            raise OpenAIError(
+                400, f"'{video_id}' was made by model '{job.model}', which this server no longer serves ('{served}' now).",
+                param="video_id", code="invalid_value",
+            )  # fmt: skip
         changes = request.model_dump(exclude_none=True)
         remixed = VideoJob.model_validate({**job.model_dump(exclude={"job_id", "admitted_at"}), **changes, "request_id": request_id})
         charge(remixed.num_frames)
