@@ -121,7 +121,7 @@ def test_a_built_bento_carries_the_model_and_serves_it(start_server, bentoml_hom
         built.append(yaml.safe_load((bentoml_home / "bentos" / "hypergen" / tag / "bento.yaml").read_text()))
     first, info = built
     assert first["args"] == info["args"]
-    for name in ("hypergen-tiny-sd", "hypergen-lora-outline", "hypergen-tiny-video"):
+    for name in ("hypergen-tiny-sd", "hypergen-lora-outline"):
         assert len(list((bentoml_home / "models" / name).glob("*/model.yaml"))) == 1, name
     # The store carries the weights; the Bento's src does not carry them a second time.
     src = bentoml_home / "bentos" / "hypergen" / info["version"] / "src"
@@ -132,14 +132,11 @@ def test_a_built_bento_carries_the_model_and_serves_it(start_server, bentoml_hom
     # The embedded model's `outline` adapter travels with it, as a BentoML model too.
     lora_tag = next(model["tag"] for model in worker["models"] if model["tag"].startswith("hypergen-lora-outline:"))
     assert info["args"]["loras"] == f"outline={lora_tag}:1.0"
-    # And the demo video model.
-    video_tag = next(model["tag"] for model in worker["models"] if model["tag"].startswith("hypergen-tiny-video:"))
-    assert info["args"]["video_model"] == video_tag
     # A fresh HYPERGEN_HOME: the weights can only come from the BentoML model the Bento references.
     server = start_server({"HYPERGEN_HOME": str(tmp_path / "empty-home")}, target="hypergen:latest")
     server.wait_ready()
     client = OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
-    assert [model.id for model in client.models.list().data] == ["hypergen-tiny-sd", "hypergen-tiny-video"]
+    assert [model.id for model in client.models.list().data] == ["hypergen-tiny-sd"]
     assert len(client.images.generate(prompt="a", size="64x64", extra_body={"num_inference_steps": 2}).data) == 1
     listed = httpx.get(f"{server.base_url}/v1/loras").json()["data"]
     assert [(item["name"], item["source"], item["pinned"]) for item in listed] == [("outline", lora_tag, True)]
