@@ -138,4 +138,3 @@ def test_the_outline_adapter_at_scale_zero_is_the_base_model(client):
     base = np.asarray(picture(client, prompt, seed=2))
     assert np.array_equal(np.asarray(picture(client, prompt, seed=2, lora_path="outline", lora_scale=0.0)), base)
     assert not np.array_equal(np.asarray(picture(client, prompt, seed=2, lora_path="outline")), base)
-
