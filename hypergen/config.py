@@ -24,8 +24,9 @@ DEFAULT_MODEL_NAME = "hypergen-tiny-sd"
 # process reads the start-up adapters too, and stays free of torch.
 EMBEDDED_LORA_NAME = "outline"
 EMBEDDED_LORA_DIR = Path(__file__).resolve().parent / "assets" / "demo-lora"
-# The embedded demo video model (`python -m training.demo_video`: the demo model's shapes, moving),
-# served by default beside the embedded image model.
+# Where `python -m training.demo_video` puts a demo video model (the demo model's shapes, moving)
+# when it passes its judge; served by default beside the embedded image model if it is there.
+# None has passed yet, so none ships (README, "Video").
 EMBEDDED_VIDEO_DIR = Path(__file__).resolve().parent / "assets" / "demo-video"
 DEFAULT_VIDEO_MODEL_NAME = "hypergen-tiny-video"
 # HYPERGEN_VIDEO_MODEL values that turn video off.

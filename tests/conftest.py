@@ -74,3 +74,10 @@ def tiny_ltx_dir(tmp_path_factory):
     from hypergen.testing.videos import save_tiny_video_family
 
     return save_tiny_video_family("ltx", tmp_path_factory.mktemp("videos") / "tiny-ltx", max_frames=17, max_side=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_animatediff_dir(tmp_path_factory):
+    from hypergen.testing.videos import save_tiny_video_family
+
+    return save_tiny_video_family("animatediff", tmp_path_factory.mktemp("videos") / "tiny-animatediff", max_frames=16, max_side=64)

@@ -1,4 +1,4 @@
-"""Tiny random-weight text-to-video pipelines (Wan 2.1 and LTX-Video), built from configs as
+"""Tiny random-weight text-to-video pipelines (Wan 2.1, LTX-Video and AnimateDiff), built from configs as
 diffusers' own pipeline tests build them (`get_dummy_components`), saved with `save_pretrained`
 and loaded back through HyperGen's normal loading path like any downloaded model.
 
@@ -19,7 +19,7 @@ import torch
 from .families import _t5_encoder
 from .pipelines import char_t5_tokenizer, save_atomically
 
-VIDEO_FAMILIES = ("wan", "ltx")
+VIDEO_FAMILIES = ("wan", "ltx", "animatediff")
 
 
 def build_tiny_wan(seed: int = 0) -> Any:
@@ -75,13 +75,33 @@ def build_tiny_ltx(seed: int = 0) -> Any:
     )
 
 
-VIDEO_BUILDERS: dict[str, Callable[[int], Any]] = {"wan": build_tiny_wan, "ltx": build_tiny_ltx}
+def build_tiny_animatediff(seed: int = 0) -> Any:
+    """AnimateDiff: the tiny SD pipeline's UNet, autoencoder and text encoder, with a
+    `MotionAdapter` (temporal attention after each of the UNet's blocks); any frame count."""
+    from diffusers import AnimateDiffPipeline, MotionAdapter
+
+    from .pipelines import build_tiny_sd_pipeline
+
+    image = build_tiny_sd_pipeline(seed)
+    torch.manual_seed(seed)
+    adapter = MotionAdapter(
+        block_out_channels=tuple(image.unet.config.block_out_channels), motion_layers_per_block=1, motion_num_attention_heads=2,
+        motion_norm_num_groups=8, motion_max_seq_length=32,
+    )  # fmt: skip
+    return AnimateDiffPipeline(
+        vae=image.vae, text_encoder=image.text_encoder, tokenizer=image.tokenizer, unet=image.unet, motion_adapter=adapter,
+        scheduler=image.scheduler,
+    )  # fmt: skip
+
+
+VIDEO_BUILDERS: dict[str, Callable[[int], Any]] = {"wan": build_tiny_wan, "ltx": build_tiny_ltx, "animatediff": build_tiny_animatediff}
 
 # hypergen.json per family: few steps, the family's guidance, and a small clip where the
 # pipeline's own defaults would be large (Wan: 81 frames of 832×480; LTX: 161 of 704×512).
 VIDEO_DEFAULTS: dict[str, dict[str, Any]] = {
     "wan": {"guidance_scale": 5.0, "width": 32, "height": 32, "num_frames": 9, "fps": 16},
     "ltx": {"guidance_scale": 3.0, "width": 32, "height": 32, "num_frames": 9, "fps": 25},
+    "animatediff": {"guidance_scale": 5.0, "width": 32, "height": 32, "num_frames": 8, "fps": 8},
 }
 
 

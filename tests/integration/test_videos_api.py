@@ -43,6 +43,11 @@ def wan_engine(tiny_sd_dir, tiny_wan_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def animatediff_engine(tiny_sd_dir, tiny_animatediff_dir, tmp_path_factory):
+    return video_engine(tiny_sd_dir, tiny_animatediff_dir, tmp_path_factory.mktemp("animatediff-home"))
+
+
+@pytest.fixture(scope="session")
 def ltx_engine(tiny_sd_dir, tiny_ltx_dir, tmp_path_factory):
     return video_engine(tiny_sd_dir, tiny_ltx_dir, tmp_path_factory.mktemp("ltx-home"))
 
@@ -84,7 +89,7 @@ def clip_of(content: bytes):
     return info, frames
 
 
-@pytest.mark.parametrize("family", ["wan", "ltx"])
+@pytest.mark.parametrize("family", ["wan", "ltx", "animatediff"])
 def test_create_and_poll_then_download_an_mp4_of_the_asked_frames_and_size(family, request, video_app, validate_openai):
     engine = request.getfixturevalue(f"{family}_engine")
     app = video_app(engine)
@@ -109,7 +114,7 @@ def test_create_and_poll_then_download_an_mp4_of_the_asked_frames_and_size(famil
         return video
 
     video = run(scenario())
-    assert video.seconds == ("0.562" if family == "wan" else "0.36")
+    assert video.seconds == {"wan": "0.562", "ltx": "0.36", "animatediff": "1.125"}[family]  # 9 frames at 16, 25 and 8 fps
 
 
 def test_seconds_map_to_the_models_frame_rule_and_bad_values_name_their_field(wan_engine, video_app):
