@@ -6,15 +6,9 @@ here (so it works from an installed wheel). Only wiring: the logic lives in `hyp
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncGenerator
 
-# Before torch starts its OpenMP pool in the worker: threads that spin while they wait take the
-# cores the API process, the encoder and the client need (bench/results/cpu-serving-gap.md).
-# An operator's own OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import bentoml  # noqa: E402
+import bentoml
 
 from hypergen.api.app import create_app
 from hypergen.api.auth import ApiKeyAuth
