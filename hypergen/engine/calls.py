@@ -212,7 +212,8 @@ class BatchRunner:
             ):
                 output = pipe(**arguments)
         except InterruptedInsideStep:
-            logger.info("interrupting a pipeline call inside step %d: every request in it has gone", busy["step"] + 1)
+            if not getattr(pipe, "_interrupt", False):  # else the step-end check has already said so (this is its VAE decode)
+                logger.info("interrupting a pipeline call inside step %d: every request in it has gone", busy["step"] + 1)
             raise CallInterrupted(f"interrupted inside step {busy['step'] + 1} of {first.num_inference_steps}") from None
         finally:
             self.busy = None
