@@ -78,6 +78,7 @@ class VideoQueue:
             return  # deleted while queued
         resource = resource.model_copy(update={"status": "in_progress", "progress": 0})
         self._save(resource)
+        done: VideoDone | None = None
         try:
             async with aclosing(self.pool.render_video(job)) as events:
                 async for event in events:
@@ -85,13 +86,16 @@ class VideoQueue:
                         resource = resource.model_copy(update={"progress": event.percent})
                         self._save(resource)
                     elif isinstance(event, VideoDone):
-                        await self._finish(resource, event)
-                        return
-            raise RuntimeError("the worker's stream ended without a result")
+                        done = event
+                        break
+            if done is None:
+                raise RuntimeError("the worker's stream ended without a result")
         except Exception as error:
             logger.error("video %s (request %s): the worker failed (%s: %s)", video_id, job.request_id, type(error).__name__, error)
             lost = VideoJobError(code="worker_failed", message="The worker rendering this video stopped; create it again.")
             self._fail(resource, lost)
+            return
+        await self._finish(resource, done)  # outside the try: a failure to keep the files is not the worker's
 
     async def _finish(self, resource: VideoResource, done: VideoDone) -> None:
         if done.error is not None:
@@ -109,6 +113,7 @@ class VideoQueue:
         )
         if self._save(completed) is None:  # deleted while it rendered: its files go too
             await run_in_threadpool(self.store.delete, resource.id)
+            return
         metrics().video_jobs.labels(status="completed").inc()
 
     def _fail(self, resource: VideoResource, error: VideoJobError) -> None:
